@@ -3,6 +3,7 @@
 It is a package of its own because `backbones`, `detection` and `segmentation` all use it and none of
 them should depend on another only to reach a config parser or an error type.
 """
+from .config import Config, load_config, save_config
 from .errors import CheckpointError, ConfigError, DatasetError, ToolkitError
 
-__all__ = ["ToolkitError", "ConfigError", "DatasetError", "CheckpointError"]
+__all__ = ["ToolkitError", "ConfigError", "DatasetError", "CheckpointError", "Config", "load_config", "save_config"]

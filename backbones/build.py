@@ -1,0 +1,64 @@
+"""Config -> modules. Each `model.backbone.*` key is the ResNet constructor argument of the same name,
+and each `model.fpn.*` key the FPN argument of the same name.
+"""
+import logging
+
+from engine.errors import ConfigError
+
+from .fpn import FPN
+from .resnet import ResNet
+from .weights import from_torchvision_resnet, load_state_dict, read_weights
+
+logger = logging.getLogger(__name__)
+
+# model.backbone keys that are ResNet constructor arguments (the rest: depth, weights, out_features).
+RESNET_OPTIONS = ("groups", "width_per_group", "norm", "num_groups", "freeze_at", "stride_in_1x1",
+                  "zero_init_residual", "dilation", "shortcut", "plain")
+
+
+def resnet_options(backbone_cfg) -> dict:
+    return {k: backbone_cfg[k] for k in RESNET_OPTIONS if k in backbone_cfg}
+
+
+def load_backbone_weights(resnet: ResNet, path: str):
+    """ImageNet weights into a ResNet: ours, or torchvision's names (converted on the fly)."""
+    state = read_weights(path)
+    if "conv1.weight" in state and "stem.conv1.weight" not in state:
+        state = from_torchvision_resnet(state)
+    report = load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
+    logger.info("backbone weights %s: %s", path, report.summary())
+    return report
+
+
+def build_resnet(cfg, num_classes, out_features=None) -> ResNet:
+    b = cfg["model"]["backbone"]
+    model = ResNet(b["depth"], num_classes, out_features=out_features, **resnet_options(b))
+    if b.get("weights"):
+        load_backbone_weights(model, b["weights"])
+    return model
+
+
+def build_classifier(cfg) -> ResNet:
+    model = build_resnet(cfg, cfg["model"]["num_classes"])
+    if cfg["model"].get("weights"):
+        load_state_dict(model, read_weights(cfg["model"]["weights"]),
+                        source=f"model.weights={cfg['model']['weights']}")
+    return model
+
+
+def build_backbone(cfg) -> FPN:
+    """ResNet + FPN as configured under `model.backbone` and `model.fpn`."""
+    b, f = cfg["model"]["backbone"], cfg["model"]["fpn"]
+    body = build_resnet(cfg, None, out_features=b["out_features"])
+    return FPN(body, b["out_features"], out_channels=f["out_channels"], norm=f["norm"],
+               top_block=f["top_block"], num_groups=b.get("num_groups", 32))
+
+
+MODELS = {"classifier": build_classifier, "resnet_fpn": build_backbone}
+
+
+def build_model(cfg):
+    name = cfg["model"]["name"]
+    if name not in MODELS:
+        raise ConfigError(f"unknown model.name {name!r}; valid: {', '.join(MODELS)}")
+    return MODELS[name](cfg)

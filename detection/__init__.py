@@ -1,0 +1,1 @@
+"""Faster R-CNN with FPN on the backbones package: model, data, evaluation."""

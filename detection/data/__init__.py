@@ -1,0 +1,1 @@
+"""Detection data: datasets (COCO, the synthetic shapes set), the mapper that feeds the model, samplers."""

@@ -1,0 +1,43 @@
+"""Decode an image file into an HxWx3 uint8 RGB array, the one format the data pipeline works with."""
+import os
+
+import cv2
+import numpy as np
+
+from engine.errors import DatasetError
+
+# IMREAD_UNCHANGED would keep 16-bit depth but skips the EXIF orientation; IMREAD_COLOR applies the
+# orientation but truncates 16-bit to its high byte. ANYDEPTH|ANYCOLOR keeps the depth, applies the
+# orientation and drops alpha, so only grey, 16-bit and BGR are left to handle here.
+_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+def read_image(path):
+    """Return the image at `path` as an HxWx3 uint8 RGB array, upright according to its EXIF tag.
+
+    Grey images become three equal channels, alpha is dropped and 16-bit values are scaled to 0..255.
+    Raises DatasetError naming `path` when the file is missing, empty or cannot be decoded.
+    """
+    path = os.fspath(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it fails on non-ASCII paths on Windows
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file does not exist") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read image file ({e.strerror or e})") from None
+    if data.size == 0:
+        raise DatasetError(f"{path}: image file is empty (0 bytes); re-copy or delete it")
+    try:
+        image = cv2.imdecode(data, _FLAGS)
+    except cv2.error:
+        image = None
+    if image is None:
+        raise DatasetError(f"{path}: not a readable image (corrupt, truncated or not an image format); "
+                           "replace or delete it")
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise DatasetError(f"{path}: unsupported pixel type {image.dtype}; convert it to 8- or 16-bit")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

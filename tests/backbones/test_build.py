@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from backbones import FrozenBatchNorm2d
+from backbones.build import build_model
+from engine.config import Config, load_config
+from engine.errors import CheckpointError, ConfigError
+from tests.conftest import randomize_norms
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name,depth,groups", [("r50_fpn", 50, 1), ("r101_fpn", 101, 1),
+                                               ("x101_32x8d_fpn", 101, 32), ("r50_fpn_gn", 50, 1)])
+def test_backbone_configs_build(name, depth, groups):
+    cfg = load_config(CONFIGS / "backbones" / f"{name}.yaml")
+    assert cfg.model.backbone.depth == depth and cfg.model.backbone.groups == groups
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.bottom_up.depth == depth
+    assert model.bottom_up.res3[0].conv2.groups == groups
+    assert [s.stride for s in model.output_shape().values()] == [4, 8, 16, 32, 64]
+
+
+def test_config_keys_reach_constructor_arguments():
+    cfg = load_config(CONFIGS / "backbones" / "r50_fpn.yaml",
+                      ["model.backbone.depth=18", "model.backbone.stride_in_1x1=true",
+                       "model.fpn.out_channels=64",
+                       "model.fpn.top_block=none"])
+    model = build_model(cfg)
+    assert isinstance(model.bottom_up.stem.norm1, FrozenBatchNorm2d)  # norm: FrozenBN in the base
+    assert not any(p.requires_grad for p in model.bottom_up.res2.parameters())  # freeze_at: 2
+    assert all(p.requires_grad for p in model.bottom_up.res3.parameters())
+    assert model.bottom_up.res3[0].conv1.stride == (2, 2)
+    assert list(model.output_shape()) == ["0", "1", "2", "3"] and model.out_channels == 64
+
+
+def test_backbone_weights_from_torchvision_file(tmp_path):
+    tv = randomize_norms(torchvision.models.resnet18())
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    cfg = Config.from_dict({"model": {"name": "resnet_fpn",
+                                      "backbone": {"depth": 18, "weights": str(tmp_path / "tv.pth")}}})
+    model = build_model(cfg)
+    assert torch.equal(model.bottom_up.res4[1].norm2.running_var, tv.layer3[1].bn2.running_var)
+    assert torch.equal(model.bottom_up.stem.conv1.weight, tv.conv1.weight)
+
+
+def test_classifier_weights_that_do_not_fit(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "tv.pth")
+    cfg = Config.from_dict({"model": {"name": "classifier", "num_classes": 5,
+                                      "backbone": {"depth": 18, "weights": str(tmp_path / "tv.pth")}}})
+    with pytest.raises(CheckpointError, match=r"fc.weight: file \(7, 512\) vs model \(5, 512\)"):
+        build_model(cfg)
+
+
+def test_missing_weights_file_is_named():
+    cfg = Config.from_dict({"model": {"backbone": {"depth": 18, "weights": "/nonexistent/r18.pth"}}})
+    with pytest.raises(CheckpointError, match="/nonexistent/r18.pth"):
+        build_model(cfg)
+
+
+def test_unknown_option_value_from_config():
+    with pytest.raises(ConfigError, match="model.backbone.depth"):
+        load_config(CONFIGS / "backbones" / "r50_fpn.yaml", ["model.backbone.depth=42"])
+
+
+def test_dilated_backbone_cannot_feed_fpn():
+    cfg = load_config(CONFIGS / "backbones" / "r50_fpn.yaml", ["model.backbone.dilation=[false,false,true]"])
+    with pytest.raises(ConfigError, match="strides double"):
+        build_model(cfg)

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tests.conftest import REPO, randomize_norms
+
+
+def run_tool(name, *args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_model_stats_resnet50_matches_paper():
+    result = run_tool("model_stats.py", "resnet50")
+    assert result.returncode == 0, result.stderr
+    total = [l for l in result.stdout.splitlines() if l.startswith("total")][0].split()
+    assert total[1] == "25,557,032"
+    assert float(total[3]) == pytest.approx(3.8, rel=0.1)  # Table 1: 3.8 x 10^9 multiply-adds
+
+
+def test_model_stats_config_and_fpn_rows():
+    result = run_tool("model_stats.py", "configs/backbones/r50_fpn.yaml", "model.backbone.depth=101",
+                      "--input-size", "256", "320")
+    assert result.returncode == 0, result.stderr
+    rows = {l.split()[0]: l.split() for l in result.stdout.splitlines()[2:]}
+    assert {"bottom_up.res4", "lateral_convs", "output_convs"} <= set(rows)
+    assert float(rows["output_convs"][2]) > 0
+
+
+def test_model_stats_unknown_name():
+    result = run_tool("model_stats.py", "resnet51")
+    assert result.returncode == 2 and "unknown model 'resnet51'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_convert_weights_cli(tmp_path):
+    tv = randomize_norms(torchvision.models.resnet34()).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    result = run_tool("convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "ours.pth")
+    assert result.returncode == 0, result.stderr
+    import backbones
+    from backbones.weights import load_state_dict, read_weights
+    ours = backbones.resnet34().eval()
+    report = load_state_dict(ours, read_weights(str(tmp_path / "ours.pth")))
+    assert not report.missing and not report.unexpected
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_weights_cli_bad_file(tmp_path):
+    (tmp_path / "bad.pth").write_text("not weights")
+    result = run_tool("convert_weights.py", "--from", "torchvision", tmp_path / "bad.pth", tmp_path / "o.pth")
+    assert result.returncode == 2 and "bad.pth" in result.stderr and "Traceback" not in result.stderr
