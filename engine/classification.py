@@ -10,10 +10,8 @@ import json
 import logging
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -24,6 +22,7 @@ from backbones.weights import save_weights
 from engine.config import save_config
 from engine.data.imagefolder import ImageFolder, build_cls_transform
 from engine.errors import ConfigError
+from engine.seeding import seed_everything, seed_transforms, seed_worker
 
 logger = logging.getLogger("engine")
 
@@ -38,20 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available; use device=auto or cpu")
     return device
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int):
-    # Per-worker seeds derived from torch's base seed (itself from cfg.seed), so albumentations'
-    # numpy/random draws repeat with the same seed and the same number of workers.
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def setup_logging(output_dir: str):
@@ -86,6 +71,7 @@ def build_cls_data(cfg):
     if cfg.model.num_classes != len(train.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {d.train.root} has "
                           f"{len(train.classes)} class folders; set model.num_classes={len(train.classes)}")
+    seed_transforms(train, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     loader_args = dict(num_workers=d.num_workers, worker_init_fn=seed_worker,
                        persistent_workers=d.num_workers > 0)
