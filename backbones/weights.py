@@ -32,9 +32,8 @@ TORCHVISION_RESNET_KEYS = [
 
 
 def _compile(fmt: str):
-    pattern = re.escape(fmt)
-    for name in ("s", "r", "b", "k"):
-        pattern = pattern.replace(re.escape("{%s}" % name), f"(?P<{name}>\\d+)")
+    """'layer{s}.{b}.' -> a regex with one integer group per {placeholder}."""
+    pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m[1]}>\\d+)", re.escape(fmt))
     return re.compile("^" + pattern)
 
 
@@ -156,24 +155,13 @@ def load_state_dict(module: nn.Module, state_dict, source: str = "weights") -> L
     return report
 
 
-# Converters by direction and format: name -> function(state_dict) -> state_dict in the target names.
-CONVERTERS_IN = {"torchvision": from_torchvision_resnet}
-CONVERTERS_OUT = {"torchvision": to_torchvision_resnet}
-
-
-def convert_file(in_path: str, out_path: str, *, from_format: str = None, to_format: str = None):
-    """Convert a weights file into the project's format (`from_format`) or out of it (`to_format`).
-    Returns the number of tensors written."""
-    if (from_format is None) == (to_format is None):
-        raise CheckpointError("give exactly one of from_format / to_format")
-    table, fmt = (CONVERTERS_IN, from_format) if from_format else (CONVERTERS_OUT, to_format)
-    if fmt not in table:
-        raise CheckpointError(f"unknown weights format {fmt!r}; valid: {', '.join(table)}")
-    converted = table[fmt](read_weights(in_path))
-    if from_format:
-        save_weights(out_path, converted, {"source": f"{from_format}:{os.path.basename(in_path)}"})
+def convert_file(in_path: str, out_path: str, converter, into_project_format: bool):
+    """Read `in_path`, rename its keys with `converter`, write `out_path`: in the project's checkpoint
+    format, or as the bare state dict other frameworks expect. Returns the number of tensors written."""
+    converted = converter(read_weights(in_path))
+    if into_project_format:
+        save_weights(out_path, converted, {"source": os.path.basename(in_path)})
     else:
-        # Other frameworks expect a bare state dict.
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         torch.save(converted, out_path)
     return len(converted)

@@ -21,22 +21,11 @@ from backbones.build import build_classifier
 from backbones.weights import save_weights
 from engine.config import save_config
 from engine.data.imagefolder import ImageFolder, build_cls_transform
+from engine.device import resolve_device
 from engine.errors import ConfigError
 from engine.seeding import seed_everything, seed_transforms, seed_worker
 
 logger = logging.getLogger("engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available; use device=auto or cpu")
-    return device
 
 
 def setup_logging(output_dir: str):

@@ -1,11 +1,13 @@
 """Convert weights between other frameworks' names and this project's.
 
     python tools/convert_weights.py --from torchvision resnet50-tv.pth resnet50.pth
+    python tools/convert_weights.py --from torchvision fasterrcnn_resnet50_fpn.pth frcnn_r50_fpn.pth
     python tools/convert_weights.py --to torchvision output/cls/backbone.pth resnet50-tv.pth
 """
 import sys
 
-from backbones.weights import CONVERTERS_IN, CONVERTERS_OUT, convert_file
+from backbones.weights import convert_file
+from detection.weights import CONVERTERS_IN, CONVERTERS_OUT
 from engine.cli import parser_for, run
 
 
@@ -17,7 +19,10 @@ def main(argv=None):
     parser.add_argument("input")
     parser.add_argument("output")
     args = parser.parse_args(argv)
-    n = convert_file(args.input, args.output, from_format=args.from_format, to_format=args.to_format)
+    if args.from_format:
+        n = convert_file(args.input, args.output, CONVERTERS_IN[args.from_format], into_project_format=True)
+    else:
+        n = convert_file(args.input, args.output, CONVERTERS_OUT[args.to_format], into_project_format=False)
     print(f"converted {n} tensors: {args.input} -> {args.output}")
 
 

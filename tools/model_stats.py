@@ -10,7 +10,7 @@ import sys
 import torch
 
 import backbones
-from backbones.build import build_model
+from detection.build import build_model
 from backbones.stats import format_stats, model_stats
 from engine.cli import parser_for, run
 from engine.config import load_config
@@ -34,7 +34,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     parser.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     parser.add_argument("--depth", type=int, default=50, help="depth for resnet_fpn")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with torch.device("meta"):  # count without allocating weights
         if args.model.endswith((".yaml", ".yml")):
             model = build_model(load_config(args.model, args.overrides))

@@ -13,7 +13,7 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     metrics = train_classifier(load_config(args.config, args.overrides))
     print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
 

@@ -99,3 +99,13 @@ def test_drops_into_torchvision_mask_rcnn():
     with torch.no_grad():
         out = model.eval()([torch.rand(3, 120, 160)])
     assert "masks" in out[0]
+
+
+def test_p6p7_from_p5_when_widths_match():
+    model = backbones.resnet_fpn(18, in_features=("res3", "res4", "res5"), top_block="p6p7",
+                                 out_channels=512).eval()
+    assert not model.top_block.uses_bottom_up
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.allclose(out["p6"], model.top_block.p6(out["2"]))

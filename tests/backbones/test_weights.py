@@ -33,12 +33,12 @@ def test_torchvision_conversion_gives_same_logits(name):
 def test_convert_file_round_trip(tmp_path):
     tv = randomize_norms(torchvision.models.resnet18())
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    n = convert_file(str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth"), from_format="torchvision")
+    n = convert_file(str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth"), from_torchvision_resnet, True)
     assert n == len(tv.state_dict())
     ours = backbones.resnet18()
     report = load_state_dict(ours, read_weights(str(tmp_path / "ours.pth")))
     assert not report.missing and not report.unexpected
-    convert_file(str(tmp_path / "ours.pth"), str(tmp_path / "back.pth"), to_format="torchvision")
+    convert_file(str(tmp_path / "ours.pth"), str(tmp_path / "back.pth"), to_torchvision_resnet, False)
     torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True))
 
 

@@ -1,0 +1,104 @@
+"""Config -> Faster R-CNN. Every `model.rpn.*` / `model.roi_heads.*` key is the constructor argument of
+the same name; `input.*` configures the pre-processing and `test.*` the final detections."""
+import logging
+from collections.abc import Mapping
+from typing import Dict, List
+
+from backbones.build import MODELS as BACKBONE_MODELS
+from backbones.build import build_backbone
+from backbones.weights import load_state_dict, read_weights
+from engine.config import load_config
+from engine.errors import ConfigError
+
+from .preprocess import Preprocessor
+from .rcnn import FasterRCNN
+from .roi_heads import RoIHeads
+from .rpn import RPN
+from .weights import from_torchvision_detector
+
+logger = logging.getLogger(__name__)
+
+
+def _select(shapes, names, key):
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ConfigError(f"{key} names {missing}, which the backbone does not produce; it gives {list(shapes)}")
+    return {n: shapes[n] for n in names}
+
+
+def build_preprocessor(cfg) -> Preprocessor:
+    i = cfg.input
+    return Preprocessor(i.pixel_mean, i.pixel_std, i.format, i.pixel_scale, i.min_size_train, i.max_size_train,
+                        i.min_size_test, i.max_size_test, i.size_divisibility)
+
+
+def build_detector(config, overrides=()) -> FasterRCNN:
+    """A Faster R-CNN from a config file path (plus KEY=VALUE overrides) or a resolved Config."""
+    cfg = config if isinstance(config, Mapping) else load_config(config, overrides)
+    m = cfg.model
+    backbone = build_backbone(cfg)
+    shapes = backbone.output_shape()
+    r, h = m.rpn, m.roi_heads
+    rpn = RPN(_select(shapes, r.in_features, "model.rpn.in_features"), anchor_sizes=m.anchors.sizes,
+              aspect_ratios=m.anchors.aspect_ratios, anchor_stride_mode=m.anchors.stride_mode,
+              iou_thresholds=r.iou_thresholds, batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction, pre_nms_topk_train=r.pre_nms_topk_train,
+              pre_nms_topk_test=r.pre_nms_topk_test, post_nms_topk_train=r.post_nms_topk_train,
+              post_nms_topk_test=r.post_nms_topk_test, nms_thresh=r.nms_thresh, min_box_size=r.min_box_size,
+              score_thresh=r.score_thresh, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta)
+    roi_heads = RoIHeads(
+        _select(shapes, h.in_features, "model.roi_heads.in_features"), num_classes=m.num_classes,
+        pooler_resolution=h.pooler_resolution, sampling_ratio=h.sampling_ratio, aligned=h.aligned,
+        canonical_box_size=h.canonical_box_size, canonical_level=h.canonical_level, box_head=h.box_head,
+        fc_dim=h.fc_dim, conv_dim=h.conv_dim, head_norm=h.norm, iou_threshold=h.iou_threshold,
+        batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
+        bbox_reg_weights=h.bbox_reg_weights, append_gt_boxes=h.append_gt_boxes,
+        score_thresh=cfg.test.score_thresh, nms_thresh=cfg.test.nms_thresh,
+        detections_per_img=cfg.test.detections_per_img, min_box_size=h.min_box_size, box_loss=h.box_loss,
+        smooth_l1_beta=h.smooth_l1_beta)
+    model = FasterRCNN(backbone, rpn, roi_heads, build_preprocessor(cfg))
+    if m.weights:
+        load_detector_weights(model, m.weights)
+    return model
+
+
+def load_detector_weights(model, path: str):
+    """Our checkpoints, or torchvision's detection state dicts (converted on the fly)."""
+    state = read_weights(path)
+    if "backbone.body.conv1.weight" in state:
+        state = from_torchvision_detector(state)
+    if "backbone.bottom_up.stem.conv1.weight" not in state:
+        raise ConfigError(f"model.weights={path} is not a detector checkpoint (no backbone keys; it starts "
+                          f"with {sorted(state)[:3]}); a backbone or classifier goes in model.backbone.weights")
+    report = load_state_dict(model, state, source=f"model.weights={path}")
+    if report.missing:
+        logger.warning("model.weights=%s leaves %d tensors at initialisation: %s", path, len(report.missing),
+                       ", ".join(report.missing[:20]))
+    return report
+
+
+def category_ids(cfg) -> Dict[int, int]:
+    """Detector label (1..K) -> dataset category id."""
+    if cfg.model.label_space == "category_id":
+        return {i: i for i in range(1, cfg.model.num_classes + 1)}
+    cats = cfg.data.categories
+    if cats and len(cats) != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.categories lists {len(cats)} "
+                          "categories; they must agree with model.label_space=contiguous")
+    return {i + 1: int(c["id"]) for i, c in enumerate(cats)} or {i: i for i in range(1, cfg.model.num_classes + 1)}
+
+
+def category_names(cfg) -> Dict[int, str]:
+    """Dataset category id -> name (ids without a listed name are shown as numbers)."""
+    return {int(c["id"]): str(c["name"]) for c in cfg.data.categories}
+
+
+MODELS = {**BACKBONE_MODELS, "faster_rcnn": build_detector}
+
+
+def build_model(cfg):
+    """Any model a config can name (`model.name`): the backbones' and the detectors'."""
+    name = cfg.model.name
+    if name not in MODELS:
+        raise ConfigError(f"unknown model.name {name!r}; valid: {', '.join(MODELS)}")
+    return MODELS[name](cfg)

@@ -1,0 +1,24 @@
+"""COCO evaluation: results checking, box and mask AP with pycocotools or faster-coco-eval, output files."""
+from .coco_eval import (
+    CocoEvalResult,
+    check_categories,
+    evaluate_coco,
+    evaluate_results_file,
+    format_per_category,
+    iou_types_of,
+    load_coco_gt,
+    load_results,
+    write_eval_outputs,
+)
+
+__all__ = [
+    "CocoEvalResult",
+    "check_categories",
+    "evaluate_coco",
+    "evaluate_results_file",
+    "format_per_category",
+    "iou_types_of",
+    "load_coco_gt",
+    "load_results",
+    "write_eval_outputs",
+]

@@ -1,0 +1,29 @@
+"""Single-image inference on numpy arrays, the way applications call a detector."""
+import numpy as np
+import torch
+
+from engine.device import resolve_device
+from engine.config import load_config
+
+from .build import build_detector, load_detector_weights
+
+
+class Predictor:
+    """`Predictor(config_path, weights=path)(image)` with an HxWx3 uint8 RGB array returns that image's
+    dict of `boxes` (xyxy in the image's pixels), `scores` and `labels`, as CPU tensors."""
+
+    def __init__(self, config, weights=None, overrides=(), device=None):
+        self.cfg = config if hasattr(config, "model") else load_config(config, overrides)
+        self.device = resolve_device(device or self.cfg.device)
+        self.model = build_detector(self.cfg)
+        if weights:
+            load_detector_weights(self.model, weights)
+        self.model.eval().to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray):
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"Predictor takes an HxWx3 uint8 RGB array, got {desc}")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device)
+        return {k: v.cpu() for k, v in self.model([tensor])[0].items()}

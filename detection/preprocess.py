@@ -1,0 +1,122 @@
+"""Pre-processing inside the model, so callers pass raw images and get boxes in their own pixels.
+
+Input contract (torchvision's): a list of (3, H, W) RGB tensors, float in [0, 1] or uint8. Each image is
+converted to the model's pixel format (RGB or BGR, scale 0-1 or 0-255), normalised with mean/std,
+resized so its shorter side is `min_size` unless its longer side would exceed `max_size`, and the batch
+is zero-padded (zero = the mean pixel after normalisation) to a multiple of `size_divisibility`.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import ConfigError
+
+from .structures import ImageBatch
+
+FORMATS = ("RGB", "BGR")
+
+
+def resized_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def scale_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> torch.Tensor:
+    """Map xyxy boxes between image sizes (H, W), one float32 ratio per axis."""
+    ry = torch.tensor(float(to_size[0]), device=boxes.device) / torch.tensor(float(from_size[0]), device=boxes.device)
+    rx = torch.tensor(float(to_size[1]), device=boxes.device) / torch.tensor(float(from_size[1]), device=boxes.device)
+    return boxes * torch.stack([rx, ry, rx, ry]).to(boxes.dtype)
+
+
+class Preprocessor(nn.Module):
+    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
+                 pixel_scale: float = 1.0, min_size_train: Sequence[int] = (800,), max_size_train: int = 1333,
+                 min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32):
+        super().__init__()
+        if input_format not in FORMATS:
+            raise ConfigError(f"unknown input format {input_format!r}; valid: RGB, BGR")
+        if len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ConfigError(f"pixel mean and std need 3 values, got {list(pixel_mean)} and {list(pixel_std)}")
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.input_format = input_format
+        self.pixel_scale = pixel_scale
+        self.min_size_train = list(min_size_train)
+        self.max_size_train = max_size_train
+        self.min_size_test = min_size_test
+        self.max_size_test = max_size_test
+        self.size_divisibility = size_divisibility
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8:
+            image = image.float() / 255
+        image = image.to(self.pixel_mean.dtype)
+        if self.pixel_scale != 1.0:
+            image = image * self.pixel_scale
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def target_size(self) -> Tuple[float, float]:
+        if self.training:
+            # One shorter-side size per image, drawn from torch's RNG so a seed fixes it.
+            i = int(torch.empty(1).uniform_(0.0, float(len(self.min_size_train))).item())
+            return float(self.min_size_train[i]), float(self.max_size_train)
+        return float(self.min_size_test), float(self.max_size_test)
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        scale = resized_scale(h, w, *self.target_size())
+        return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                             align_corners=False)[0]
+
+    def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+        check_images(images)
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        resized = [self.resize(self.normalize(img)) for img in images]
+        sizes = [tuple(img.shape[-2:]) for img in resized]
+        if targets is not None:
+            targets = [dict(t, boxes=scale_boxes(t["boxes"], o, s)) for t, o, s in zip(targets, original_sizes, sizes)]
+        d = self.size_divisibility
+        h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = resized[0].new_zeros((len(resized), 3, h, w))
+        for i, img in enumerate(resized):
+            batch[i, :, : img.shape[1], : img.shape[2]] = img
+        return ImageBatch(batch, sizes), targets, original_sizes
+
+    @staticmethod
+    def postprocess(detections: List[Dict[str, torch.Tensor]], image_sizes, original_sizes):
+        """Boxes from the resized image back to the caller's pixels."""
+        return [dict(d, boxes=scale_boxes(d["boxes"], s, o)) for d, s, o in zip(detections, image_sizes, original_sizes)]
+
+
+def check_images(images):
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"the detector takes a non-empty list of (3, H, W) image tensors, got {type(images).__name__}")
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got {shape}")
+        if min(img.shape[-2:]) < 1:
+            raise ValueError(f"image {i} is empty: shape {tuple(img.shape)}")
+
+
+def check_targets(targets, num_images):
+    if targets is None:
+        raise ValueError("training mode needs targets: one dict per image with 'boxes' (N, 4) xyxy and 'labels' (N,)")
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"target {i}: 'boxes' must be a float tensor of shape (N, 4), got "
+                             f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"target {i}: 'labels' must be a tensor of shape ({len(boxes)},)")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            j = int(torch.nonzero(degenerate)[0])
+            raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} has zero or negative width or height")

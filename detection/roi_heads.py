@@ -1,0 +1,165 @@
+"""The second stage of Faster R-CNN (Ren et al. 2015; Girshick 2015): per-RoI classification and
+class-specific box regression over pooled FPN features, with training-time matching and sampling and
+inference-time score thresholding and per-class NMS, all batched across images."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms
+
+from backbones.base import ShapeSpec
+from backbones.norms import get_norm
+from engine.errors import ConfigError
+
+from .box_coder import BoxCoder
+from .losses import box_regression_loss
+from .matcher import FOREGROUND, Matcher, sample_balanced
+from .poolers import MultiScaleRoIAlign
+from .structures import batched_box_iou, box_sizes_at_least, clip_boxes, pad_boxes, top_k_per_image
+
+BOX_HEADS = ("2fc", "4conv1fc")
+
+
+class BoxHead(nn.Module):
+    """`num_conv` 3x3 convolutions then `num_fc` fully connected layers, ReLU after each: 0 + 2 is the
+    FPN paper's 2-fc head (2mlp), 4 + 1 the "4conv1fc" head of the GroupNorm paper."""
+
+    def __init__(self, in_channels: int, resolution: int, num_conv: int = 0, conv_dim: int = 256,
+                 num_fc: int = 2, fc_dim: int = 1024, norm: str = ""):
+        super().__init__()
+        convs = []
+        for i in range(num_conv):
+            convs.append(nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not norm))
+            if norm:
+                convs.append(get_norm(norm, conv_dim))
+            convs.append(nn.ReLU(inplace=True))
+        self.convs = nn.Sequential(*convs)
+        channels = conv_dim if num_conv else in_channels
+        dims = [channels * resolution * resolution] + [fc_dim] * num_fc
+        for i in range(num_fc):
+            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1]))
+        self.num_fc = num_fc
+        self.out_dim = dims[-1]
+
+    def forward(self, x):
+        x = self.convs(x).flatten(1)
+        for i in range(self.num_fc):
+            x = F.relu(getattr(self, f"fc{i + 1}")(x))
+        return x
+
+
+class BoxPredictor(nn.Module):
+    """Class scores over background (index 0) + K classes and class-specific box deltas."""
+
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_dim, (num_classes + 1) * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
+                 pooler_resolution: int = 7, sampling_ratio: int = 2, aligned: bool = False,
+                 canonical_box_size: float = 224, canonical_level: int = 4, box_head: str = "2fc",
+                 fc_dim: int = 1024, conv_dim: int = 256, head_norm: str = "",
+                 iou_threshold: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+                 append_gt_boxes: bool = True, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100, min_box_size: float = 1e-2, box_loss: str = "smooth_l1",
+                 smooth_l1_beta: float = 1 / 9):
+        super().__init__()
+        if box_head not in BOX_HEADS:
+            raise ConfigError(f"unknown box head {box_head!r}; valid: {', '.join(BOX_HEADS)}")
+        self.in_features = list(input_shape)
+        self.pooler = MultiScaleRoIAlign(input_shape, pooler_resolution, sampling_ratio, aligned,
+                                         canonical_box_size, canonical_level)
+        channels = next(iter(input_shape.values())).channels
+        num_conv, num_fc = (0, 2) if box_head == "2fc" else (4, 1)
+        self.box_head = BoxHead(channels, pooler_resolution, num_conv, conv_dim, num_fc, fc_dim, head_norm)
+        self.predictor = BoxPredictor(self.box_head.out_dim, num_classes)
+        self.num_classes = num_classes
+        self.box_coder = BoxCoder(bbox_reg_weights)
+        self.matcher = Matcher((iou_threshold, iou_threshold), allow_low_quality_matches=False)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.append_gt_boxes = append_gt_boxes
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.min_box_size = min_box_size
+        self.box_loss = box_loss
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def forward(self, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
+                image_sizes: torch.Tensor, targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("the RoI heads need targets in training mode")
+            proposals, labels, box_targets = self.sample_proposals(proposals, targets)
+        logits, deltas = self.predictor(self.box_head(self.pooler(features, proposals)))
+        if self.training:
+            return [], self.losses(logits, deltas, labels, box_targets)
+        return self.detect(logits, deltas, proposals, image_sizes), {}
+
+    @torch.no_grad()
+    def sample_proposals(self, proposals, targets):
+        """Match proposals (plus the ground truth itself, so every object has perfect positives) to
+        ground truth and draw `batch_size_per_image` of them at `positive_fraction` foreground."""
+        if self.append_gt_boxes:
+            proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
+        props, prop_valid = pad_boxes(proposals)
+        gt, gt_valid = pad_boxes([t["boxes"] for t in targets])
+        matched, labels = self.matcher(batched_box_iou(gt, props), gt_valid)
+        labels[~prop_valid] = -1
+        fg, bg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        keep = fg | bg
+        classes = pad_labels([t["labels"] for t in targets], gt.shape[1], props.device)
+        cls = torch.gather(classes, 1, matched) * fg
+        matched_boxes = torch.gather(gt, 1, matched[..., None].expand(-1, -1, 4))
+        box_targets = self.box_coder.encode(matched_boxes, props)
+        sampled = [props[i][keep[i]] for i in range(len(proposals))]
+        return sampled, cls[keep], box_targets[keep]
+
+    def losses(self, logits, deltas, labels, box_targets):
+        classification = F.cross_entropy(logits, labels)
+        fg = torch.nonzero(labels > 0).squeeze(1)
+        deltas = deltas.reshape(len(deltas), -1, 4)[fg, labels[fg]]
+        box = box_regression_loss(deltas, box_targets[fg], self.box_loss, self.smooth_l1_beta)
+        return {"loss_classifier": classification, "loss_box_reg": box / max(labels.numel(), 1)}
+
+    @torch.no_grad()
+    def detect(self, logits, deltas, proposals, image_sizes):
+        """Softmax, per-class decoding, clipping, score threshold, per-class NMS and top-k per image."""
+        counts = [len(p) for p in proposals]
+        image_ids = torch.repeat_interleave(torch.arange(len(proposals), device=logits.device),
+                                            torch.tensor(counts, device=logits.device))
+        boxes = self.box_coder.decode(deltas, torch.cat(proposals))  # (R, K+1, 4)
+        boxes = clip_boxes(boxes, image_sizes[image_ids])
+        scores = F.softmax(logits, -1)
+        # Drop the background column, then one candidate per (RoI, class).
+        boxes, scores = boxes[:, 1:], scores[:, 1:]
+        labels = torch.arange(1, self.num_classes + 1, device=logits.device).expand_as(scores)
+        ids = image_ids[:, None].expand_as(scores)
+        boxes, scores, labels, ids = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1), ids.reshape(-1)
+        keep = (scores > self.score_thresh) & box_sizes_at_least(boxes, self.min_box_size)
+        boxes, scores, labels, ids = boxes[keep], scores[keep], labels[keep], ids[keep]
+        kept = batched_nms(boxes, scores, ids * (self.num_classes + 1) + labels, self.nms_thresh)
+        kept = kept[top_k_per_image(ids[kept], self.detections_per_img, len(proposals))]
+        ids = ids[kept]
+        return [{"boxes": boxes[kept[ids == i]], "scores": scores[kept[ids == i]],
+                 "labels": labels[kept[ids == i]]} for i in range(len(proposals))]
+
+
+def pad_labels(labels: List[torch.Tensor], m: int, device) -> torch.Tensor:
+    out = torch.zeros(len(labels), m, dtype=torch.long, device=device)
+    for i, l in enumerate(labels):
+        out[i, : len(l)] = l
+    return out

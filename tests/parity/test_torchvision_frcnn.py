@@ -1,0 +1,82 @@
+"""Exactness proof: torchvision's Faster R-CNN weights, converted, give torchvision's detections through
+our model and tools/infer.py (issue criterion: >= 98% of torchvision's detections matched by one of ours
+with IoU > 0.99, the same category and a score within 1e-3)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import box_iou
+
+from engine.data.decode import read_image
+from tests.conftest import REPO
+
+CONFIG = REPO / "configs" / "torchvision" / "frcnn_r50_fpn.yaml"
+
+
+def random_torchvision_frcnn(seed=0, score_scale=1.0):
+    """fasterrcnn_resnet50_fpn as torchvision builds it around pretrained weights (FrozenBatchNorm2d,
+    res2 and the stem frozen), with random weights, non-trivial BN statistics, and the classifier scaled
+    by `score_scale` so that the scores spread out instead of saturating at 1."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    model = torchvision.models.detection.FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=91)
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(score_scale)
+    return model.eval()
+
+
+def match_fraction(theirs, ours):
+    if len(theirs["boxes"]) == 0:
+        return 1.0 if len(ours["boxes"]) == 0 else 0.0
+    if len(ours["boxes"]) == 0:
+        return 0.0
+    iou = box_iou(theirs["boxes"], ours["boxes"])
+    same = theirs["labels"][:, None] == ours["labels"][None, :]
+    close = (theirs["scores"][:, None] - ours["scores"][None, :]).abs() < 1e-3
+    return ((iou > 0.99) & same & close).any(dim=1).float().mean().item()
+
+
+@pytest.mark.slow
+def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path):
+    tv = random_torchvision_frcnn(score_scale=30.0)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    conv = subprocess.run([sys.executable, "tools/convert_weights.py", "--from", "torchvision",
+                           tmp_path / "tv.pth", tmp_path / "ours.pth"], cwd=REPO, capture_output=True, text=True)
+    assert conv.returncode == 0, conv.stderr
+    images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:3]
+    out = tmp_path / "infer"
+    result = subprocess.run([sys.executable, "tools/infer.py", CONFIG, "--weights", tmp_path / "ours.pth",
+                             "--input", *images, "--output", out, "device=cpu"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    ours = json.loads((out / "results.json").read_text())
+    total = matched = 0
+    spread = []
+    for path in images:
+        with torch.no_grad():
+            theirs = tv([torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255])[0]
+        mine = [r for r in ours if r["file_name"] == path.name]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
+        mine = {"boxes": boxes, "scores": torch.tensor([r["score"] for r in mine]),
+                "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long)}
+        assert len(theirs["boxes"]) > 0
+        total += len(theirs["boxes"])
+        matched += match_fraction(theirs, mine) * len(theirs["boxes"])
+        spread += theirs["scores"].tolist()
+        assert (out / f"{path.stem}.png").is_file()
+    assert max(spread) - min(spread) > 0.1, "scores must spread out for the comparison to mean something"
+    assert matched / total >= 0.98, f"{matched}/{total} torchvision detections matched"
