@@ -14,7 +14,7 @@ from engine.config import save_config
 from engine.data.decode import read_image
 from engine.data.imagefolder import IMAGE_EXTENSIONS
 from engine.device import resolve_device
-from engine.errors import DatasetError
+from engine.errors import ConfigError, DatasetError
 
 from .build import build_detector, category_ids, category_names, load_detector_weights
 from .visualize import draw_detections
@@ -83,3 +83,45 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f)
     return results, failures
+
+
+def require_file(path, setting: str, what: str):
+    if not path:
+        raise ConfigError(f"config key '{setting}' is not set; set it to the {what}")
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} not found: {path} (set by {setting}; change it with {setting}=PATH, or "
+                          f"set the DATASETS environment variable if the config uses ${{DATASETS}})")
+
+
+@torch.inference_mode()
+def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int]) -> List[dict]:
+    """COCO results (image_id, category_id, bbox, score) for every image of a COCO ground truth."""
+    results = []
+    img_ids = sorted(gt.getImgIds())
+    for img_id in tqdm(img_ids, desc="eval", disable=len(img_ids) <= PROGRESS_MIN_IMAGES or None):
+        image = read_image(os.path.join(img_dir, gt.imgs[img_id]["file_name"]))
+        det = {k: v.cpu() for k, v in model([image_tensor(image, device)])[0].items()}
+        results += to_coco_results(det, label_to_id, image_id=img_id)
+    return results
+
+
+def evaluate_model(cfg, weights: str):
+    """What tools/eval_det.py --weights does: run the model over data.val, evaluate with COCO AP, write
+    output_dir/metrics.json and output_dir/eval/. Returns {iou_type: CocoEvalResult}."""
+    from .evaluation.coco_eval import evaluate_and_write, load_coco_gt, load_results
+
+    require_file(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
+    require_file(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory")
+    gt = load_coco_gt(cfg.data.val.ann_file, setting="data.val.ann_file")
+    model, device = load_model(cfg, weights)
+    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg))
+    # A head can know classes the ground truth lacks (torchvision's 91-way COCO head has 10 unused ids);
+    # COCO AP only scores the ground truth's categories, so those detections are left out, counted.
+    known = set(gt.getCatIds())
+    unknown = [r for r in results if r["category_id"] not in known]
+    if unknown:
+        logger.warning("%d detections of categories absent from %s left out (ids %s)", len(unknown),
+                       cfg.data.val.ann_file, sorted({r["category_id"] for r in unknown}))
+        results = [r for r in results if r["category_id"] in known]
+    results = load_results(results, gt)
+    return evaluate_and_write(cfg, gt, results, "the model's detections", ["bbox"])

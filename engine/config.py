@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -218,7 +219,22 @@ def _resolve(layers: list[tuple[dict, str]], overrides: Iterable[str]) -> Config
             nested = {part: nested}
         _merge(merged, nested, origin, origins)
     _validate(merged, SCHEMA, origins)
-    return Config(merged)
+    return Config(_expand_env(merged))
+
+
+# `${NAME}` or `${NAME:-default}` in string values: dataset locations differ per machine, so configs
+# write `${DATASETS:-datasets}/coco` and each machine sets DATASETS once.
+_ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v) for v in node]
+    if isinstance(node, str):
+        return _ENV_VAR.sub(lambda m: os.environ.get(m[1], m[2] if m[2] is not None else m[0]), node)
+    return node
 
 
 def _split_override(item: Any) -> tuple[str, str]:

@@ -443,8 +443,16 @@ def evaluate_results_file(cfg: Mapping, results_path: str | os.PathLike) -> dict
     gt = load_coco_gt(ann_file, setting="data.val.ann_file")
     check_categories(cfg["data"]["categories"], gt)
     results = load_results(results_path, gt)
+    return evaluate_and_write(cfg, gt, results, str(results_path))
+
+
+def evaluate_and_write(cfg: Mapping, gt: COCO, results: list[dict], name: str,
+                       iou_types: list[str] | None = None) -> dict[str, CocoEvalResult]:
+    """Evaluate checked results (`load_results`) with test.evaluator_backend and write them to
+    output_dir, as tools/eval_det.py does for a results file and for a model's own detections."""
     backend = cfg["test"]["evaluator_backend"]
-    reports = {t: _evaluate(gt, results, str(results_path), t, backend, None) for t in iou_types_of(results)}
+    iou_types = iou_types or iou_types_of(results) or ["bbox"]
+    reports = {t: _evaluate(gt, results, name, t, backend, None) for t in iou_types}
     write_eval_outputs(cfg["output_dir"], results, {t: r.metrics for t, r in reports.items()},
                        {t: r.per_category for t, r in reports.items()}, {t: r.summary for t, r in reports.items()})
     return reports

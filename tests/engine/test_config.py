@@ -3,6 +3,7 @@ import pickle
 import textwrap
 
 import pytest
+from pathlib import Path
 
 from engine import Config, ConfigError, load_config, save_config
 from engine.schema import SCHEMA, Opt, all_keys, defaults
@@ -459,3 +460,29 @@ def test_from_dict_base_is_relative_to_the_working_directory(tmp_path, monkeypat
     write(tmp_path / "configs" / "base.yaml", "seed: 9\n")
     monkeypatch.chdir(tmp_path)
     assert Config.from_dict({"_base_": "configs/base.yaml"}).seed == 9
+
+
+def test_environment_variables_in_values(tmp_path, monkeypatch):
+    (tmp_path / "c.yaml").write_text("data:\n  root: ${MY_DATASETS:-datasets}/coco\n"
+                                     "  val: {ann_file: '${MY_DATASETS}/a.json'}\n")
+    monkeypatch.delenv("MY_DATASETS", raising=False)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.root == "datasets/coco"
+    assert cfg.data.val.ann_file == "${MY_DATASETS}/a.json"  # unset and no default: left as written
+    monkeypatch.setenv("MY_DATASETS", "/data")
+    cfg = load_config(tmp_path / "c.yaml", ["data.train.img_dir=${MY_DATASETS}/train"])
+    assert (cfg.data.root, cfg.data.val.ann_file, cfg.data.train.img_dir) == ("/data/coco", "/data/a.json", "/data/train")
+
+
+@pytest.mark.parametrize("name", ["frcnn_r50", "frcnn_r101", "frcnn_r152", "frcnn_x101_32x8d",
+                                  "torchvision/frcnn_r50_fpn"])
+def test_coco_configs_resolve(name, monkeypatch):
+    monkeypatch.setenv("DATASETS", "/mnt/ds")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    assert cfg.model.name == "faster_rcnn"
+    assert cfg.data.val.ann_file == "/mnt/ds/coco/annotations/instances_val2017.json"
+    assert cfg.data.train.img_dir == "/mnt/ds/coco/train2017"
+    assert len(cfg.data.categories) == 80
+    if not name.startswith("torchvision"):
+        assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.max_iter) == (16, 0.02, 90000)
+        assert cfg.solver.steps == [60000, 80000] and cfg.input.min_size_train[-1] == 800
