@@ -17,9 +17,9 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "faster-coco-eval>=1.6",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
-        "fast": ["faster-coco-eval"],
     },
 )

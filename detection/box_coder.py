@@ -37,7 +37,7 @@ class BoxCoder:
     def decode(self, deltas: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Boxes (..., k, 4) from deltas (..., 4k) applied to `references` (..., 4)."""
         references = references.to(deltas.dtype)
-        deltas = deltas.reshape(*deltas.shape[:-1], -1, 4)
+        deltas = deltas.reshape(*deltas.shape[:-1], deltas.shape[-1] // 4, 4)
         wx, wy, ww, wh = self.weights
         ref_w = (references[..., 2] - references[..., 0]).unsqueeze(-1)
         ref_h = (references[..., 3] - references[..., 1]).unsqueeze(-1)

@@ -1,13 +1,12 @@
 """Config -> Faster R-CNN. Every `model.rpn.*` / `model.roi_heads.*` key is the constructor argument of
 the same name; `input.*` configures the pre-processing and `test.*` the final detections."""
 import logging
-from collections.abc import Mapping
 from typing import Dict, List
 
 from backbones.build import MODELS as BACKBONE_MODELS
 from backbones.build import build_backbone
 from backbones.weights import load_state_dict, read_weights
-from engine.config import load_config
+from engine.config import as_config
 from engine.errors import ConfigError
 
 from .preprocess import Preprocessor
@@ -33,8 +32,8 @@ def build_preprocessor(cfg) -> Preprocessor:
 
 
 def build_detector(config, overrides=()) -> FasterRCNN:
-    """A Faster R-CNN from a config file path (plus KEY=VALUE overrides) or a resolved Config."""
-    cfg = config if isinstance(config, Mapping) else load_config(config, overrides)
+    """A Faster R-CNN from a config file path or a resolved Config, plus KEY=VALUE overrides."""
+    cfg = as_config(config, overrides)
     m = cfg.model
     backbone = build_backbone(cfg)
     shapes = backbone.output_shape()

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from engine.device import resolve_device
-from engine.config import load_config
+from engine.config import as_config
 
 from .build import build_detector, load_detector_weights
 
@@ -13,7 +13,7 @@ class Predictor:
     dict of `boxes` (xyxy in the image's pixels), `scores` and `labels`, as CPU tensors."""
 
     def __init__(self, config, weights=None, overrides=(), device=None):
-        self.cfg = config if hasattr(config, "model") else load_config(config, overrides)
+        self.cfg = as_config(config, overrides)
         self.device = resolve_device(device or self.cfg.device)
         self.model = build_detector(self.cfg)
         if weights:

@@ -129,9 +129,10 @@ class RoIHeads(nn.Module):
         return sampled, cls[keep], box_targets[keep]
 
     def losses(self, logits, deltas, labels, box_targets):
-        classification = F.cross_entropy(logits, labels)
+        # Summed and divided, not averaged: a batch without any sampled RoI gives 0, not NaN.
+        classification = F.cross_entropy(logits, labels, reduction="sum") / max(labels.numel(), 1)
         fg = torch.nonzero(labels > 0).squeeze(1)
-        deltas = deltas.reshape(len(deltas), -1, 4)[fg, labels[fg]]
+        deltas = deltas.reshape(len(deltas), self.num_classes + 1, 4)[fg, labels[fg]]
         box = box_regression_loss(deltas, box_targets[fg], self.box_loss, self.smooth_l1_beta)
         return {"loss_classifier": classification, "loss_box_reg": box / max(labels.numel(), 1)}
 

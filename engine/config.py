@@ -134,6 +134,15 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     return _resolve(layers, overrides)
 
 
+def as_config(config: str | Path | Mapping, overrides: Iterable[str] = ()) -> Config:
+    """A config from a YAML path or an already resolved mapping, with `KEY=VALUE` overrides applied to either."""
+    if isinstance(config, Config) and not overrides:
+        return config
+    if isinstance(config, Mapping):
+        return Config.from_dict(config, overrides)
+    return load_config(config, overrides)
+
+
 def save_config(cfg: Mapping, output_dir: str | Path) -> Path:
     """Write the resolved config to `output_dir/config.yaml` and return that path."""
     out = Path(output_dir)

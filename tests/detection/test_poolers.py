@@ -1,0 +1,119 @@
+"""FPN level assignment and multi-scale RoIAlign against torchvision.ops.poolers."""
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
+
+from backbones.base import ShapeSpec
+from detection.poolers import MultiScaleRoIAlign, assign_levels
+from engine.errors import ConfigError
+
+NAMES = ["0", "1", "2", "3"]
+SHAPES = {n: ShapeSpec(8, 2 ** (k + 2)) for k, n in enumerate(NAMES)}
+
+
+def random_boxes(n, seed, height, width, min_size=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.rand(n, generator=g) * width * 0.9
+    y1 = torch.rand(n, generator=g) * height * 0.9
+    w = torch.rand(n, generator=g) * (width - x1 - min_size) + min_size
+    h = torch.rand(n, generator=g) * (height - y1 - min_size) + min_size
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def test_assign_levels_equals_torchvision_level_mapper():
+    # Random sizes from 1 to ~1400 px, then boxes of exactly the canonical sizes 224 * 2^k (including
+    # offsets, where w*h is not an exact square) and just around them.
+    boxes = [random_boxes(3000, 0, 1400, 1400)]
+    exact = []
+    for side in (14.0, 28.0, 56.0, 112.0, 224.0, 448.0, 896.0, 1792.0):
+        for offset in (0.0, 3.3, 101.7):
+            for s in (side, side - 1e-3, side + 1e-3, side * (1 - 1e-7)):
+                exact.append([offset, offset, offset + s, offset + s])
+        exact.append([0.0, 0.0, side * 2, side / 2])  # non-square, same area
+    boxes.append(torch.tensor(exact))
+    theirs = LevelMapper(2, 5, canonical_scale=224, canonical_level=4, eps=1e-6)(boxes)
+    ours = assign_levels(torch.cat(boxes), 2, 5, canonical_box_size=224, canonical_level=4, eps=1e-6)
+    assert ours.dtype == torch.int64
+    assert torch.equal(ours, theirs)
+    assert set(ours.tolist()) == {0, 1, 2, 3}
+    # FPN Eq. 1 at the canonical size: a 224 x 224 box pools from P4 (index 2 when P2 is index 0).
+    assert ours[len(boxes[0]) + 4 * 13] == 2
+
+
+def test_assign_levels_eps_keeps_exact_canonical_boxes_on_their_level():
+    box = torch.tensor([[0.0, 0.0, 112.0, 112.0], [0.0, 0.0, 56.0, 56.0]])
+    assert assign_levels(box, 2, 5).tolist() == [1, 0]
+    # Without eps, float error may push these down; with a large negative eps they surely drop a level.
+    assert assign_levels(box, 2, 5, eps=-1e-3).tolist() == [0, 0]
+
+
+def _features(seed, batch, height, width, channels=8):
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict((n, torch.randn(batch, channels, height // 2 ** (k + 2), width // 2 ** (k + 2), generator=g))
+                       for k, n in enumerate(NAMES + ["pool"]))
+
+
+def test_multiscale_roi_align_equals_torchvision_on_a_two_image_batch():
+    height, width = 512, 576  # a padded batch; the images themselves are smaller
+    features = _features(0, 2, height, width)
+    image_sizes = [(500, 576), (512, 540)]
+    large = torch.tensor([[2.0, 3.0, 500.0, 490.0], [10.5, 0.0, 530.0, 470.0], [0.0, 0.0, 300.0, 200.0]])
+    boxes = [torch.cat([random_boxes(117, 1, *image_sizes[0]), large]),
+             torch.cat([large, random_boxes(77, 2, *image_sizes[1], min_size=30.0)])]
+    theirs = TVMultiScaleRoIAlign(NAMES, 7, 2)(features, boxes, image_sizes)
+    ours = MultiScaleRoIAlign(SHAPES, 7, sampling_ratio=2)(features, boxes)
+    assert ours.shape == (200, 8, 7, 7)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    # The boxes spread over every level, so every level's scale is checked.
+    levels = assign_levels(torch.cat(boxes), 2, 5)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+
+
+def test_an_image_with_zero_boxes():
+    features = _features(3, 2, 128, 160)
+    boxes = [torch.zeros(0, 4), random_boxes(30, 4, 128, 160)]
+    pooler = MultiScaleRoIAlign(SHAPES, 7)
+    out = pooler(features, boxes)
+    theirs = TVMultiScaleRoIAlign(NAMES, 7, 2)(features, boxes, [(128, 160), (128, 160)])
+    torch.testing.assert_close(out, theirs, rtol=0, atol=1e-6)
+    # The image index of each RoI follows its list position, so the second image's features are used.
+    alone = pooler(OrderedDict((k, v[1:]) for k, v in features.items()), [boxes[1]])
+    torch.testing.assert_close(out, alone, rtol=0, atol=1e-6)
+    empty = pooler(features, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert empty.shape == (0, 8, 7, 7)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_aligned_is_passed_to_roi_align(aligned):
+    features = _features(5, 1, 128, 128)
+    boxes = random_boxes(40, 6, 128, 128)
+    out = MultiScaleRoIAlign(SHAPES, 5, sampling_ratio=2, aligned=aligned)(features, [boxes])
+    levels = assign_levels(boxes, 2, 5)
+    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], dim=1)
+    expected = torch.zeros_like(out)
+    for k, name in enumerate(NAMES):
+        idx = levels == k
+        expected[idx] = roi_align(features[name], rois[idx], 5, 1 / 2 ** (k + 2), 2, aligned=aligned)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    other = roi_align(features["0"], rois[levels == 0], 5, 0.25, 2, aligned=not aligned)
+    assert not torch.allclose(out[levels == 0], other)
+
+
+def test_single_level_pools_without_level_assignment():
+    shape = {"0": ShapeSpec(8, 4)}
+    features = _features(7, 1, 64, 64)
+    boxes = random_boxes(10, 8, 64, 64)
+    out = MultiScaleRoIAlign(shape, 7)(features, [boxes])
+    expected = roi_align(features["0"], [boxes], 7, 0.25, 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_non_consecutive_strides_raise_config_error():
+    with pytest.raises(ConfigError, match=r"\[4, 16\]"):
+        MultiScaleRoIAlign({"0": ShapeSpec(8, 4), "2": ShapeSpec(8, 16)}, 7)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        MultiScaleRoIAlign({"0": ShapeSpec(8, 6), "1": ShapeSpec(8, 12)}, 7)

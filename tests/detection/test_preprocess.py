@@ -1,0 +1,174 @@
+"""Pre-processing against torchvision's GeneralizedRCNNTransform; pixel formats; input validation."""
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from detection.build import build_preprocessor
+from detection.preprocess import Preprocessor, check_targets
+from engine.config import Config
+from engine.errors import ConfigError
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# Detectron2's ImageNet statistics: BGR order, 0-255 pixels.
+D2_MEAN, D2_STD = [103.53, 116.28, 123.675], [57.375, 57.12, 58.395]
+
+
+def images(seed=0, sizes=((180, 270), (240, 300))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) for h, w in sizes]
+
+
+def ours(min_size=200, max_size=320, **kw):
+    kw = {"pixel_mean": MEAN, "pixel_std": STD, **kw}
+    return Preprocessor(min_size_train=(min_size,), max_size_train=max_size, min_size_test=min_size,
+                        max_size_test=max_size, size_divisibility=32, **kw).eval()
+
+
+def theirs(min_size=200, max_size=320, mean=MEAN, std=STD):
+    return GeneralizedRCNNTransform(min_size, max_size, mean, std, size_divisible=32).eval()
+
+
+def test_eval_output_equals_torchvision():
+    imgs = images()
+    batch, targets, original = ours()(imgs)
+    expected, _ = theirs()(imgs)
+    # 180 x 270 is scaled up by 200/180; 240 x 300 down by 200/240; the batch pads to multiples of 32.
+    assert batch.image_sizes == expected.image_sizes == [(200, 300), (200, 250)]
+    assert batch.tensor.shape == (2, 3, 224, 320)
+    assert torch.equal(batch.tensor, expected.tensors)
+    assert targets is None and original == [(180, 270), (240, 300)]
+
+
+def test_max_size_caps_the_longer_side_like_torchvision():
+    imgs = images(1, sizes=((100, 400), (97, 131)))
+    batch, _, _ = ours(min_size=200, max_size=320)(imgs)
+    expected, _ = theirs(200, 320)(imgs)
+    assert batch.image_sizes == expected.image_sizes
+    assert batch.image_sizes[0] == (80, 320)
+    assert torch.equal(batch.tensor, expected.tensors)
+
+
+def test_training_resize_draws_sizes_like_torchvision_and_scales_boxes():
+    imgs = images(2)
+    boxes = [torch.tensor([[10.0, 20.0, 100.0, 150.0], [0.0, 0.0, 270.0, 180.0]]),
+             torch.tensor([[5.5, 6.5, 50.25, 99.75]])]
+    targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.long)} for b in boxes]
+    pre = Preprocessor(MEAN, STD, min_size_train=(128, 160, 192, 224), max_size_train=320).train()
+    tv = GeneralizedRCNNTransform((128, 160, 192, 224), 320, MEAN, STD).train()
+    sizes = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        batch, ours_t, _ = pre(imgs, [dict(t) for t in targets])
+        torch.manual_seed(seed)
+        expected, tv_t = tv(imgs, [dict(t) for t in targets])
+        assert batch.image_sizes == expected.image_sizes
+        assert torch.equal(batch.tensor, expected.tensors)
+        for a, b in zip(ours_t, tv_t):
+            assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+        sizes.add(tuple(batch.image_sizes))
+    assert len(sizes) > 1, "the seeds should draw different sizes"
+    assert torch.equal(targets[0]["boxes"], boxes[0]), "the caller's targets must not be modified"
+
+
+def test_uint8_equals_float_over_255():
+    g = torch.Generator().manual_seed(3)
+    raw = [torch.randint(0, 256, (3, 150, 210), generator=g, dtype=torch.uint8),
+           torch.randint(0, 256, (3, 190, 170), generator=g, dtype=torch.uint8)]
+    pre = ours()
+    a, _, _ = pre(raw)
+    b, _, _ = pre([r.float() / 255 for r in raw])
+    assert torch.equal(a.tensor, b.tensor) and a.image_sizes == b.image_sizes
+    c, _ = theirs()([r.float() / 255 for r in raw])
+    assert torch.equal(a.tensor, c.tensors)
+
+
+def test_bgr_255_detectron2_style():
+    imgs = images(4)
+    cfg = Config.from_dict({"input": {"format": "BGR", "pixel_scale": 255.0, "pixel_mean": D2_MEAN,
+                                      "pixel_std": D2_STD, "min_size_test": 200, "max_size_test": 320}})
+    pre = build_preprocessor(cfg).eval()
+    batch, _, _ = pre(imgs)
+    # Flipping the channels and scaling to 0-255 beforehand, then normalising the usual way, is the same.
+    expected, _ = theirs(mean=D2_MEAN, std=D2_STD)([img.flip(0) * 255 for img in imgs])
+    assert torch.equal(batch.tensor, expected.tensors)
+    # Without the flip the red and blue channels would differ.
+    unflipped, _ = theirs(mean=D2_MEAN, std=D2_STD)([img * 255 for img in imgs])
+    assert not torch.allclose(batch.tensor, unflipped.tensors, atol=1e-2)
+
+
+def test_padding_is_zero_after_normalisation():
+    batch, _, _ = ours()(images(5))
+    h, w = batch.image_sizes[1]
+    assert batch.tensor[1, :, h:, :].abs().sum() == 0 and batch.tensor[1, :, :, w:].abs().sum() == 0
+
+
+def test_postprocess_maps_boxes_back_like_torchvision():
+    imgs = images(6)
+    batch, _, original = ours()(imgs)
+    g = torch.Generator().manual_seed(7)
+    dets = []
+    for h, w in batch.image_sizes:
+        xy = torch.rand(20, 2, generator=g) * torch.tensor([w / 2, h / 2])
+        dets.append({"boxes": torch.cat([xy, xy + 30], 1), "scores": torch.rand(20, generator=g),
+                     "labels": torch.randint(1, 5, (20,), generator=g)})
+    mapped = Preprocessor.postprocess([dict(d) for d in dets], batch.image_sizes, original)
+    expected = theirs().postprocess([dict(d) for d in dets], batch.image_sizes, original)
+    for a, b, d in zip(mapped, expected, dets):
+        assert torch.equal(a["boxes"], b["boxes"])
+        assert torch.equal(a["scores"], d["scores"]) and torch.equal(a["labels"], d["labels"])
+    # 180 x 270 was resized to 200 x 300: boxes shrink by 0.9 on both axes.
+    torch.testing.assert_close(mapped[0]["boxes"], dets[0]["boxes"] * 0.9)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([torch.rand(3, 20, 20), torch.rand(20, 20)], r"image 1: expected a \(3, H, W\).*\(20, 20\)"),
+    ([torch.rand(4, 20, 20)], r"image 0: expected a \(3, H, W\).*\(4, 20, 20\)"),
+    ([torch.rand(3, 20, 20), torch.rand(3, 20, 20), [[0.0]]], r"image 2: .*list"),
+    ([torch.rand(3, 0, 20)], r"image 0 is empty"),
+    ([], r"non-empty list"),
+    (torch.rand(3, 20, 20), r"non-empty list.*Tensor"),
+])
+def test_bad_images_raise_value_error_naming_the_image(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ours()(bad)
+
+
+def _target(boxes):
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.long)}
+
+
+def test_degenerate_training_boxes_raise_value_error_naming_target_and_box():
+    targets = [_target([[0, 0, 10, 10]]), _target([[0, 0, 5, 5], [1, 1, 8, 9], [4, 2, 4, 9]])]
+    with pytest.raises(ValueError, match=r"target 1: box 2 \[4.0, 2.0, 4.0, 9.0\] has zero or negative"):
+        check_targets(targets, 2)
+    with pytest.raises(ValueError, match=r"target 0: box 0 .*negative"):
+        check_targets([_target([[5, 5, 10, 3]])], 1)
+    check_targets([_target([]), _target([[0, 0, 1, 1]])], 2)  # no boxes at all is fine
+
+
+def test_malformed_targets_raise_value_error():
+    with pytest.raises(ValueError, match="training mode needs targets"):
+        check_targets(None, 1)
+    with pytest.raises(ValueError, match="2 images but 1 targets"):
+        check_targets([_target([])], 2)
+    with pytest.raises(ValueError, match=r"target 0: 'boxes' must be .*\(3,\)"):
+        check_targets([{"boxes": torch.zeros(3), "labels": torch.zeros(3)}], 1)
+    with pytest.raises(ValueError, match=r"target 0: 'labels' must be a tensor of shape \(2,\)"):
+        check_targets([{"boxes": torch.tensor([[0.0, 0, 1, 1], [0, 0, 2, 2]]), "labels": torch.ones(3)}], 1)
+
+
+def test_detector_in_training_checks_targets_before_running():
+    from detection import build_detector
+    cfg = Config.from_dict({"model": {"name": "faster_rcnn", "num_classes": 3,
+                                      "backbone": {"depth": 18}, "fpn": {"out_channels": 16}}})
+    model = build_detector(cfg).train()
+    with pytest.raises(ValueError, match=r"target 0: box 1 .*zero or negative"):
+        model([torch.rand(3, 64, 64)], [_target([[0, 0, 10, 10], [3, 3, 3, 3]])])
+
+
+def test_bad_configuration_raises_config_error():
+    with pytest.raises(ConfigError, match="RGB, BGR"):
+        Preprocessor(MEAN, STD, input_format="RGBA")
+    with pytest.raises(ConfigError, match="3 values"):
+        Preprocessor(MEAN[:2], STD)
