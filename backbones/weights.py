@@ -6,7 +6,6 @@ The project's checkpoint format is `{"model": state_dict, "meta": {...}}`; a bar
 """
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -14,6 +13,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from engine.checkpoint import atomic_torch_save, safe_torch_load
 from engine.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -90,15 +90,7 @@ def to_torchvision_resnet(state_dict):
 
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
     """The state dict stored in `path` (our checkpoint format or a bare state dict)."""
-    if not path or not os.path.isfile(path):
-        raise CheckpointError(f"weights file not found: {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects beyond tensors and "
-                              f"plain containers, which could run code ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # torch raises RuntimeError/EOFError/... for truncated or foreign files
-        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+    obj = safe_torch_load(path, "weights file")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -110,13 +102,7 @@ def read_weights(path: str) -> Dict[str, torch.Tensor]:
 
 def save_weights(path: str, state_dict, meta=None):
     """Write `{"model": state_dict, "meta": meta}` atomically: a crash leaves no partial file at `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save({"model": dict(state_dict), "meta": dict(meta or {})}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_torch_save({"model": dict(state_dict), "meta": dict(meta or {})}, path)
 
 
 @dataclass

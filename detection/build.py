@@ -1,7 +1,7 @@
 """Config -> Faster R-CNN. Every `model.rpn.*` / `model.roi_heads.*` key is the constructor argument of
 the same name; `input.*` configures the pre-processing and `test.*` the final detections."""
 import logging
-from typing import Dict, List
+from typing import Dict
 
 from backbones.build import MODELS as BACKBONE_MODELS
 from backbones.build import build_backbone

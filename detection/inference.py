@@ -105,15 +105,15 @@ def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int]) -
     return results
 
 
-def evaluate_model(cfg, weights: str):
-    """What tools/eval_det.py --weights does: run the model over data.val, evaluate with COCO AP, write
-    output_dir/metrics.json and output_dir/eval/. Returns {iou_type: CocoEvalResult}."""
+def evaluate_detector(cfg, model, device):
+    """Run `model` over data.val and evaluate with COCO AP; writes output_dir/metrics.json and
+    output_dir/eval/. Returns {iou_type: CocoEvalResult}."""
     from .evaluation.coco_eval import evaluate_and_write, load_coco_gt, load_results
 
     require_file(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
     require_file(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory")
     gt = load_coco_gt(cfg.data.val.ann_file, setting="data.val.ann_file")
-    model, device = load_model(cfg, weights)
+    model.eval()
     results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg))
     # A head can know classes the ground truth lacks (torchvision's 91-way COCO head has 10 unused ids);
     # COCO AP only scores the ground truth's categories, so those detections are left out, counted.
@@ -125,3 +125,9 @@ def evaluate_model(cfg, weights: str):
         results = [r for r in results if r["category_id"] in known]
     results = load_results(results, gt)
     return evaluate_and_write(cfg, gt, results, "the model's detections", ["bbox"])
+
+
+def evaluate_model(cfg, weights: str):
+    """What tools/eval_det.py --weights does: `evaluate_detector` on the weights in `weights`."""
+    model, device = load_model(cfg, weights)
+    return evaluate_detector(cfg, model, device)

@@ -48,6 +48,9 @@ class Preprocessor(nn.Module):
         self.min_size_test = min_size_test
         self.max_size_test = max_size_test
         self.size_divisibility = size_divisibility
+        # torchvision's contract: the model resizes training images too. The trainer's data pipeline
+        # resizes with albumentations instead (in its workers) and turns this off.
+        self.resize_in_training = True
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype == torch.uint8:
@@ -75,7 +78,10 @@ class Preprocessor(nn.Module):
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         check_images(images)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
-        resized = [self.resize(self.normalize(img)) for img in images]
+        if self.training and not self.resize_in_training:
+            resized = [self.normalize(img) for img in images]
+        else:
+            resized = [self.resize(self.normalize(img)) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in resized]
         if targets is not None:
             targets = [dict(t, boxes=scale_boxes(t["boxes"], o, s)) for t, o, s in zip(targets, original_sizes, sizes)]

@@ -8,7 +8,6 @@ accuracy_curve.png. In classification configs `solver.steps` are epochs.
 """
 import json
 import logging
-import math
 import os
 import time
 
@@ -23,39 +22,21 @@ from engine.config import save_config
 from engine.data.imagefolder import ImageFolder, build_cls_transform
 from engine.device import resolve_device
 from engine.errors import ConfigError
+from engine.events import setup_logging
+from engine.solver import build_optimizer, check_steps, lr_at
 from engine.seeding import seed_everything, seed_transforms, seed_worker
 
 logger = logging.getLogger("engine")
-
-
-def setup_logging(output_dir: str):
-    os.makedirs(output_dir, exist_ok=True)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    path = os.path.abspath(os.path.join(output_dir, "log.txt"))
-    if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        root.addHandler(handler)
-
-
-def lr_at(cfg, it: int, iters_per_epoch: int, max_iter: int) -> float:
-    """Linear warmup, then step decay at `solver.steps` (epochs) or cosine to zero."""
-    s = cfg.solver
-    if s.lr_scheduler == "cosine":
-        lr = 0.5 * s.base_lr * (1 + math.cos(math.pi * it / max_iter))
-    else:
-        lr = s.base_lr * s.gamma ** sum(it >= step * iters_per_epoch for step in s.steps)
-    if it < s.warmup_iters:
-        lr *= (it + 1) / s.warmup_iters
-    return lr
 
 
 def build_cls_data(cfg):
     d = cfg.data
     if not d.train.root or not d.val.root:
         raise ConfigError("classification needs data.train.root and data.val.root (ImageFolder layouts)")
-    train = ImageFolder(d.train.root, build_cls_transform(True, cfg.input.size))
+    scale = cfg.input.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"input.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    train = ImageFolder(d.train.root, build_cls_transform(True, cfg.input.size, scale=cfg.input.crop_scale))
     val = ImageFolder(d.val.root, build_cls_transform(False, cfg.input.size), class_names=train.classes)
     if cfg.model.num_classes != len(train.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {d.train.root} has "
@@ -117,11 +98,11 @@ def train_classifier(cfg) -> dict:
     device = resolve_device(cfg.device)
     train_loader, val_loader = build_cls_data(cfg)
     model = build_classifier(cfg).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     s = cfg.solver
-    optimizer = torch.optim.SGD(params, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     iters_per_epoch = len(train_loader)
     max_iter = s.epochs * iters_per_epoch
+    check_steps(s, s.epochs, "epochs")
     logger.info("training %s on %d images (%d classes), %d epochs x %d iterations, device %s",
                 type(model).__name__, len(train_loader.dataset), cfg.model.num_classes, s.epochs,
                 iters_per_epoch, device)
@@ -134,7 +115,7 @@ def train_classifier(cfg) -> dict:
             t_data = time.perf_counter()
             for images, labels in train_loader:
                 t_start = time.perf_counter()
-                lr = lr_at(cfg, it, iters_per_epoch, max_iter)
+                lr = lr_at(cfg.solver, it, max_iter, [step * iters_per_epoch for step in s.steps])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = F.cross_entropy(model(images.to(device)), labels.to(device))

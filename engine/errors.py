@@ -19,3 +19,7 @@ class DatasetError(ToolkitError):
 
 class CheckpointError(ToolkitError):
     """A weights file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class TrainingError(ToolkitError):
+    """Training cannot go on: a loss or an input became NaN or infinite."""

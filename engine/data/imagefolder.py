@@ -22,16 +22,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_cls_transform(train, size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def build_cls_transform(train, size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.08, 1.0)):
     """The standard ImageNet recipe as an albumentations pipeline ending in a normalised CHW float tensor.
 
-    train: RandomResizedCrop(size, scale 0.08-1) + horizontal flip (Szegedy et al. 2015, as in torchvision).
+    train: RandomResizedCrop(size, area `scale`, 0.08-1 by default) + horizontal flip (Szegedy et al. 2015,
+    as in torchvision).
     eval: shorter side to `resize`, then a centre crop of `size`. `resize=None` keeps the usual 256/224
     ratio, so a model evaluated at another size sees the same fraction of the image as at 224.
     """
     normalize = [A.Normalize(mean=mean, std=std), ToTensorV2()]
     if train:
-        return A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.08, 1.0)), A.HorizontalFlip(p=0.5),
+        return A.Compose([A.RandomResizedCrop(size=(size, size), scale=tuple(scale)), A.HorizontalFlip(p=0.5),
                           *normalize])
     if resize is None:
         resize = int(round(size * 256 / 224))

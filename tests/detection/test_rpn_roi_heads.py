@@ -359,3 +359,37 @@ def test_post_nms_topk_test_caps_proposals_per_image():
         assert len(a) > 7 and len(b) == 7
         # NMS runs before the cap, so the capped proposals are the best 7 of the uncapped ones.
         assert torch.equal(b, a[:7])
+
+
+@pytest.mark.parametrize("norm", ["", "BN"])
+def test_4conv1fc_box_head_equals_torchvision_conv_fc_head(norm):
+    # torchvision's FastRCNNConvFCHead (the head of fasterrcnn_resnet50_fpn_v2) is the same layout: four
+    # 3x3 convs (bias only without a norm), flatten, one fc, ReLU after each layer.
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+    from detection.roi_heads import BoxHead
+
+    torch.manual_seed(0)
+    ours = BoxHead(32, 7, num_conv=4, conv_dim=48, num_fc=1, fc_dim=64, norm=norm).eval()
+    theirs = FastRCNNConvFCHead((32, 7, 7), [48] * 4, [64], norm_layer=nn.BatchNorm2d if norm else None).eval()
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert [v.shape for v in mine.values()] == [v.shape for v in ref.values()]
+    g = torch.Generator().manual_seed(1)
+    values = [torch.rand(v.shape, generator=g) + 0.5 if v.is_floating_point() else v for v in ref.values()]
+    ours.load_state_dict(dict(zip(mine, values)))
+    theirs.load_state_dict(dict(zip(ref, values)))
+    x = torch.randn(5, 32, 7, 7, generator=g)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_4conv1fc_detector_trains_and_detects():
+    model = small_model("model.roi_heads.box_head=4conv1fc", "model.roi_heads.conv_dim=32",
+                        "model.roi_heads.norm=GN")
+    head = model.roi_heads.box_head
+    assert sum(isinstance(m, nn.Conv2d) for m in head.modules()) == 4
+    assert sum(isinstance(m, nn.GroupNorm) for m in head.modules()) == 4 and head.out_dim == 128
+    losses = model.train()(_batch(), _targets([[10, 12, 60, 70]]))
+    assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    out = model.eval()(_batch(1))
+    assert set(out[0]) == {"boxes", "scores", "labels"}

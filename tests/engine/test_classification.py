@@ -5,7 +5,8 @@ import torch
 
 from backbones.build import build_model
 from detection.data.synthetic import make_crops
-from engine.classification import lr_at, train_classifier
+from engine.classification import train_classifier
+from engine.solver import lr_at
 from engine.config import Config, load_config
 from engine.errors import ConfigError
 
@@ -65,10 +66,53 @@ def test_num_classes_must_match_folders(crops, tmp_path):
 
 
 def test_lr_schedules():
-    cfg = Config.from_dict({"solver": {"base_lr": 0.1, "steps": [1, 2], "warmup_iters": 5}})
-    assert lr_at(cfg, 0, 10, 30) == pytest.approx(0.1 / 5)
-    assert lr_at(cfg, 9, 10, 30) == pytest.approx(0.1)
-    assert lr_at(cfg, 10, 10, 30) == pytest.approx(0.01)
-    assert lr_at(cfg, 25, 10, 30) == pytest.approx(0.001)
-    cfg.solver.lr_scheduler = "cosine"
-    assert lr_at(cfg, 15, 10, 30) == pytest.approx(0.05)
+    cfg = Config.from_dict({"solver": {"base_lr": 0.1, "steps": [10, 20], "warmup_iters": 5,
+                                       "warmup_factor": 0.2}}).solver
+    assert lr_at(cfg, 0, 30) == pytest.approx(0.1 * 0.2)
+    assert lr_at(cfg, 4, 30) == pytest.approx(0.1 * (0.2 * 0.2 + 0.8))  # linear from 0.2 to 1 over 5 iterations
+    assert lr_at(cfg, 9, 30) == pytest.approx(0.1)
+    assert lr_at(cfg, 10, 30) == pytest.approx(0.01)
+    assert lr_at(cfg, 25, 30) == pytest.approx(0.001)
+    assert lr_at(cfg, 25, 30, steps=[26]) == pytest.approx(0.1)
+    cfg.lr_scheduler = "cosine"
+    assert lr_at(cfg, 15, 30) == pytest.approx(0.05)
+    assert lr_at(cfg, 30, 30) == pytest.approx(0.0)
+
+
+def test_steps_must_lie_inside_the_run(crops, tmp_path):
+    cfg = small_cfg(crops, tmp_path)
+    cfg.solver.steps = [3]
+    with pytest.raises(ConfigError, match=r"solver.steps must be increasing epochs within \(0, 2\]"):
+        train_classifier(cfg)
+
+
+@pytest.mark.parametrize("name, expected", [("SGD", torch.optim.SGD), ("AdamW", torch.optim.AdamW)])
+def test_optimizer_choice(name, expected):
+    from engine.solver import build_optimizer
+
+    cfg = Config.from_dict({"solver": {"optimizer": name, "base_lr": 0.003, "weight_decay": 0.02}})
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    opt = build_optimizer(cfg, model)
+    assert type(opt) is expected
+    assert opt.param_groups[0]["lr"] == 0.003 and opt.param_groups[0]["weight_decay"] == 0.02
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model[1].parameters()]
+    with pytest.raises(ConfigError, match="solver.optimizer"):
+        Config.from_dict({"solver": {"optimizer": "Adam"}})
+
+
+@pytest.mark.parametrize("scale", [[0.5], [0.0, 1.0], [0.9, 0.5], [0.5, 1.5]])
+def test_bad_crop_scale_is_a_config_error(crops, tmp_path, scale):
+    cfg = small_cfg(crops, tmp_path)
+    cfg.input.crop_scale = scale
+    with pytest.raises(ConfigError, match=r"input.crop_scale must be \[low, high\]"):
+        train_classifier(cfg)
+
+
+def test_crop_scale_reaches_random_resized_crop():
+    import albumentations as A
+
+    from engine.data.imagefolder import build_cls_transform
+
+    crop = next(t for t in build_cls_transform(True, 32, scale=(0.5, 0.75)) if isinstance(t, A.RandomResizedCrop))
+    assert tuple(crop.scale) == (0.5, 0.75)
