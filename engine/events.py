@@ -34,6 +34,7 @@ class MetricsWriter:
     """
 
     def __init__(self, output_dir: str, resume_from: Optional[int] = None, tensorboard: bool = True):
+        os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.history: List[Dict] = []
         if resume_from is not None and os.path.isfile(self.path):
