@@ -5,7 +5,7 @@ each block with `conv{i}`/`norm{i}` and an optional `shortcut`. Parameter counts
 the same architecture; `backbones.weights` maps between the two naming schemes.
 """
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,8 +14,9 @@ from engine.config import save_config
 from engine.data.decode import read_image
 from engine.data.imagefolder import IMAGE_EXTENSIONS
 from engine.device import resolve_device
-from engine.errors import ConfigError, DatasetError
+from engine.errors import DatasetError
 
+from .data.coco import require_path
 from .build import build_detector, category_ids, category_names, load_detector_weights
 from .visualize import draw_detections
 
@@ -85,14 +86,6 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
     return results, failures
 
 
-def require_file(path, setting: str, what: str):
-    if not path:
-        raise ConfigError(f"config key '{setting}' is not set; set it to the {what}")
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} not found: {path} (set by {setting}; change it with {setting}=PATH, or "
-                          f"set the DATASETS environment variable if the config uses ${{DATASETS}})")
-
-
 @torch.inference_mode()
 def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int]) -> List[dict]:
     """COCO results (image_id, category_id, bbox, score) for every image of a COCO ground truth."""
@@ -110,8 +103,8 @@ def evaluate_detector(cfg, model, device):
     output_dir/eval/. Returns {iou_type: CocoEvalResult}."""
     from .evaluation.coco_eval import evaluate_and_write, load_coco_gt, load_results
 
-    require_file(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
-    require_file(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory")
+    require_path(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
+    require_path(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory", folder=True)
     gt = load_coco_gt(cfg.data.val.ann_file, setting="data.val.ann_file")
     model.eval()
     results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg))

@@ -1,5 +1,4 @@
 """Box regression losses selectable by name."""
-import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError

@@ -1,7 +1,7 @@
 """RoIAlign (He et al. 2017) over FPN levels with the FPN paper's level assignment (Lin et al. 2017,
 Eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4, clamped to the available levels."""
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 from torch import nn

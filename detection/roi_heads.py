@@ -14,7 +14,7 @@ from engine.errors import ConfigError
 
 from .box_coder import BoxCoder
 from .losses import box_regression_loss
-from .matcher import FOREGROUND, Matcher, sample_balanced
+from .matcher import Matcher, sample_balanced
 from .poolers import MultiScaleRoIAlign
 from .structures import batched_box_iou, box_sizes_at_least, clip_boxes, pad_boxes, top_k_per_image
 

@@ -1,10 +1,13 @@
 """Decode an image file into an HxWx3 uint8 RGB array, the one format the data pipeline works with."""
+import logging
 import os
 
 import cv2
 import numpy as np
 
 from engine.errors import DatasetError
+
+logger = logging.getLogger(__name__)
 
 # IMREAD_UNCHANGED would keep 16-bit depth but skips the EXIF orientation; IMREAD_COLOR applies the
 # orientation but truncates 16-bit to its high byte. ANYDEPTH|ANYCOLOR keeps the depth, applies the
@@ -41,3 +44,33 @@ def read_image(path):
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageReader:
+    """Reads the image of item `index`, or, with `skip_bad=True`, of the next readable item: an unreadable
+    file is logged once, remembered and counted (`num_skipped`, per process: DataLoader workers keep their
+    own count). Without `skip_bad` the DatasetError naming the file is raised."""
+
+    def __init__(self, skip_bad: bool = False):
+        self.skip_bad = skip_bad
+        self.bad_files = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_files)
+
+    def first_readable(self, index: int, count: int, path_of):
+        """(index actually read, HxWx3 uint8 RGB image), trying index, index + 1, ... (wrapping)."""
+        for offset in range(count):
+            i = (index + offset) % count
+            path = path_of(i)
+            if path in self.bad_files:
+                continue
+            try:
+                return i, read_image(path)
+            except DatasetError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad_files.add(path)
+                logger.warning("skipping unreadable image: %s", e)
+        raise DatasetError(f"none of the {count} images can be read (first: {path_of(0)})")

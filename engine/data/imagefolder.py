@@ -12,7 +12,7 @@ import albumentations as A
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
-from engine.data.decode import read_image
+from engine.data.decode import ImageReader
 from engine.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -95,13 +95,12 @@ class ImageFolder(Dataset):
         self.targets = [label for _, label in self.samples]
 
         self.transform = build_cls_transform(train=False) if transform is None else transform
-        self.skip_bad_images = skip_bad_images
-        self.bad_files = set()
+        self.reader = ImageReader(skip_bad_images)
 
     @property
     def num_skipped(self):
         """How many distinct unreadable files this process has skipped so far."""
-        return len(self.bad_files)
+        return self.reader.num_skipped
 
     def __len__(self):
         return len(self.samples)
@@ -109,17 +108,6 @@ class ImageFolder(Dataset):
     def __getitem__(self, index):
         if not -len(self.samples) <= index < len(self.samples):
             raise IndexError(f"ImageFolder index {index} out of range for {len(self.samples)} samples")
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            if path in self.bad_files:
-                continue
-            try:
-                image = read_image(path)
-            except DatasetError as e:
-                if not self.skip_bad_images:
-                    raise
-                self.bad_files.add(path)
-                logger.warning("skipping unreadable image: %s", e)
-                continue
-            return self.transform(image=image)["image"], label
-        raise DatasetError(f"{self.root}: none of the {len(self.samples)} images can be read")
+        i, image = self.reader.first_readable(index % len(self.samples), len(self.samples),
+                                              lambda j: self.samples[j][0])
+        return self.transform(image=image)["image"], self.samples[i][1]

@@ -172,3 +172,17 @@ def test_bad_configuration_raises_config_error():
         Preprocessor(MEAN, STD, input_format="RGBA")
     with pytest.raises(ConfigError, match="3 values"):
         Preprocessor(MEAN[:2], STD)
+
+
+def test_training_without_model_resize_keeps_sizes_and_boxes():
+    # The trainer's data pipeline resizes with albumentations; the model then only normalises and pads.
+    pre = Preprocessor((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_size_train=(64,), max_size_train=64).train()
+    pre.resize_in_training = False
+    images = [torch.rand(3, 50, 70), torch.rand(3, 61, 40)]
+    boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0]])
+    batch, targets, _ = pre(images, [{"boxes": boxes, "labels": torch.tensor([1])}] * 2)
+    assert batch.image_sizes == [(50, 70), (61, 40)] and batch.tensor.shape == (2, 3, 64, 96)
+    assert torch.equal(targets[0]["boxes"], boxes)
+    torch.testing.assert_close(batch.tensor[1, :, :61, :40], (images[1] - 0.5) / 0.25)
+    pre.eval()  # evaluation still resizes, to min_size_test
+    assert pre(images)[0].image_sizes[0] != (50, 70)

@@ -1,0 +1,60 @@
+"""Config -> data loaders: dataset (decode, targets) -> mapper (albumentations) -> grouped batches."""
+import torch
+from torch.utils.data import DataLoader
+
+from engine.errors import ConfigError
+from engine.seeding import seed_worker
+
+from .coco import CocoDetection
+from .mapper import transform_from_config
+from .samplers import AspectRatioGroupedBatchSampler, InferenceSampler, TrainingSampler, sample_seed
+
+
+def collate_lists(batch):
+    """Images of different sizes stay a list; the model pads them into one tensor."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def build_dataset(cfg, split: str, train: bool, mapper=None) -> CocoDetection:
+    """`data.<split>` as a CocoDetection with the config's categories, label space and filters."""
+    d = cfg.data
+    return CocoDetection(d[split].ann_file, d[split].img_dir, categories=d.categories,
+                         label_space=cfg.model.label_space, train=train, filter_empty=d.filter_empty,
+                         skip_bad_images=d.skip_bad_images, mapper=mapper, ann_setting=f"data.{split}.ann_file",
+                         img_setting=f"data.{split}.img_dir")
+
+
+def _loader(dataset, batch_sampler, num_workers: int, seed: int) -> DataLoader:
+    # The generator fixes the workers' base seed (seed_worker), which seeds anything in a worker that
+    # does not take the per-sample seed.
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_lists,
+                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def build_detection_train_loader(cfg, start_iter: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Endless batches `(images, targets)` of `solver.ims_per_batch / world_size` images of `data.train`,
+    augmented by the training transform (`input.*`); `start_iter` skips the batches a resumed run has
+    already trained on. images: uint8 (3, H, W) tensors; targets: CocoDetection's dicts."""
+    if cfg.solver.ims_per_batch % world_size:
+        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                          f"{world_size} processes")
+    dataset = build_dataset(cfg, "train", True, transform_from_config(cfg, train=True))
+    sampler = TrainingSampler(len(dataset), cfg.seed, rank=rank, world_size=world_size)
+    batches = AspectRatioGroupedBatchSampler(sampler, dataset.landscape, cfg.solver.ims_per_batch // world_size,
+                                             sample_seed(cfg.seed, rank), start_batch=start_iter)
+    return _loader(dataset, batches, cfg.data.num_workers, cfg.seed)
+
+
+def build_detection_test_loader(cfg, batch_size: int = 1, resize: bool = False, rank: int = 0,
+                                world_size: int = 1) -> DataLoader:
+    """Every image of `data.val` once, in batches of `batch_size` `(images, targets)`.
+
+    resize=False (the default): decoded only, because at test time the model resizes and maps its boxes
+    back to the original pixels itself. resize=True applies the test transform (shorter side to
+    `input.min_size_test`), with the targets' boxes in the resized pixels."""
+    dataset = build_dataset(cfg, "val", False, transform_from_config(cfg, train=False) if resize else None)
+    indices = list(InferenceSampler(len(dataset), rank, world_size))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return _loader(dataset, batches, cfg.data.num_workers, cfg.seed)

@@ -1,0 +1,265 @@
+"""COCO-format detection datasets: the annotation file checked up front, targets prepared once.
+
+Labels are contiguous, 1..K in the order of `categories` (the config's `data.categories`; empty: the
+file's categories sorted by id), with 0 the background; `label_space="category_id"` uses the ids
+themselves. Crowd regions never become targets; boxes are clipped to the image; boxes with no
+area left, NaN or infinite coordinates are dropped. Every drop is counted (`stats`) and logged once, so a
+broken conversion shows in the log instead of as a quietly weaker model.
+"""
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from engine.data.decode import ImageReader
+from engine.errors import ConfigError, DatasetError
+
+logger = logging.getLogger("detection.data")
+
+LABEL_SPACES = ("contiguous", "category_id")
+# list in the file -> (what one entry is called, the keys it needs)
+REQUIRED_KEYS = {"images": ("image", ("id", "file_name", "height", "width")),
+                 "annotations": ("annotation", ("id", "image_id", "category_id", "bbox")),
+                 "categories": ("category", ("id", "name"))}
+# Why an annotation is not a target: crowd region, w or h <= 0, NaN/inf, nothing left after clipping to
+# the image, category not among `categories`.
+ANNOTATION_DROPS = ("crowd", "degenerate", "non_finite", "outside_image", "other_category")
+# Narrower than this after clipping, a box is a line, not an object (the model's regression targets
+# would divide by its width).
+MIN_BOX_SIDE = 1e-2
+
+
+def require_path(path, setting: str, what: str, folder: bool = False):
+    """ConfigError naming the config key when a dataset path is unset or does not exist."""
+    if not path:
+        raise ConfigError(f"config key '{setting}' is not set; set it to the {what}")
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise ConfigError(f"{what} not found: {path} (set by {setting}; change it with {setting}=PATH, or set "
+                          "the DATASETS environment variable if the config uses ${DATASETS})")
+
+
+def read_json(path: str):
+    """The parsed file, or a DatasetError naming it (never a bare json traceback)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_coco_structure(data, path: str):
+    """The keys and ids the dataset relies on, each failure one DatasetError naming the file and entry."""
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO annotation file is a JSON object, found {type(data).__name__}")
+    for key in REQUIRED_KEYS:
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing or malformed '{key}' list")
+    if not data["categories"]:
+        raise DatasetError(f"{path}: the 'categories' list is empty")
+    for key, (what, required) in REQUIRED_KEYS.items():
+        seen = set()
+        for position, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: {key}[{position}] is not an object: {str(entry)[:80]}")
+            name = f"{what} {entry['id']!r}" if "id" in entry else f"{key}[{position}] (no id)"
+            missing = [k for k in required if k not in entry]
+            if missing:
+                raise DatasetError(f"{path}: {name} lacks the key(s) {missing}")
+            if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+                raise DatasetError(f"{path}: {name}: ids must be integers")
+            if entry["id"] in seen:
+                raise DatasetError(f"{path}: duplicate {what} id {entry['id']}; ids must be unique")
+            seen.add(entry["id"])
+    for img in data["images"]:
+        if not all(_is_number(img[k]) and img[k] > 0 for k in ("height", "width")):
+            raise DatasetError(f"{path}: image {img['id']} has height {img['height']!r} and width "
+                               f"{img['width']!r}; both must be positive numbers")
+    images, categories = {i["id"] for i in data["images"]}, {c["id"] for c in data["categories"]}
+    for ann in data["annotations"]:
+        if ann["image_id"] not in images:
+            raise DatasetError(f"{path}: annotation {ann['id']} names image_id {ann['image_id']}, which is not "
+                               "in 'images'")
+        if ann["category_id"] not in categories:
+            raise DatasetError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is "
+                               "not in 'categories'")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise DatasetError(f"{path}: annotation {ann['id']} has bbox {str(bbox)[:80]}; expected "
+                               "[x, y, width, height]")
+
+
+def safe_join(img_dir: str, file_name, path: str, image_id) -> str:
+    """img_dir/file_name, refusing names that leave img_dir (absolute or through `..`). Checked on the
+    name only: symbolic links inside img_dir may point anywhere (subsets are often built from links)."""
+    if not isinstance(file_name, str) or not file_name:
+        raise DatasetError(f"{path}: image {image_id} has file_name {file_name!r}; expected a relative path")
+    normalized = os.path.normpath(file_name)
+    if os.path.isabs(file_name) or normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
+        raise DatasetError(f"{path}: image {image_id} file_name {file_name!r} points outside the image "
+                           f"directory {img_dir}; refused")
+    return os.path.join(img_dir, normalized)
+
+
+def clip_box(bbox, width, height):
+    """COCO [x, y, w, h] -> xyxy clipped to the image, or None with the reason the box is unusable."""
+    if not all(math.isfinite(v) for v in bbox):
+        return None, "non_finite"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None, "degenerate"
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+        return None, "outside_image"
+    return (x0, y0, x1, y1), None
+
+
+def label_categories(categories: Sequence[dict], file_categories: Sequence[dict], path: str) -> List[dict]:
+    """The detector's classes in label order: `categories` checked against the file, or the file's own."""
+    by_id = {c["id"]: c for c in file_categories}
+    if not categories:
+        return [{"id": i, "name": by_id[i]["name"]} for i in sorted(by_id)]
+    for i, c in enumerate(categories):
+        if not (isinstance(c, dict) and "id" in c and "name" in c):
+            raise ConfigError(f"data.categories[{i}] is {c!r}; each entry needs 'id' and 'name'")
+    missing = [f"{c['id']} ({c['name']})" for c in categories if c["id"] not in by_id]
+    if missing:
+        raise DatasetError(f"{path}: data.categories lists categories the file does not have: "
+                           f"{', '.join(missing)}; remove them or use the matching annotation file")
+    ids = [c["id"] for c in categories]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"data.categories lists a category id twice: {ids}")
+    for c in categories:
+        if c["name"] != by_id[c["id"]]["name"]:
+            logger.warning("data.categories names category %s %r, %s calls it %r", c["id"], c["name"], path,
+                           by_id[c["id"]]["name"])
+    return [{"id": c["id"], "name": c["name"]} for c in categories]
+
+
+class CocoDetection(Dataset):
+    """Items are `(image, target)`: image a uint8 (3, H, W) RGB tensor after `mapper`; target a dict of
+    `boxes` (N, 4) float32 xyxy in that image's pixels, `labels` (N,) int64, `image_id` and `orig_size`
+    (H, W) of the file. An item may be an index or an `(index, seed)` pair; the seed fixes the
+    augmentation of that item (see samplers.py).
+
+    Crowd regions are never targets (COCO evaluation reads them from the annotation file itself).
+    train: with `filter_empty`, images without any usable box are skipped; at test every image is kept.
+    mapper: `mapper(image, boxes, labels[, seed]) -> (image, boxes, labels)` (mapper.DetectionTransform)
+    or None (the decoded image as it is).
+    skip_bad_images: an unreadable image is logged, counted (`num_skipped`) and the next one returned,
+    instead of a DatasetError naming the file.
+    `annotations(i)`: the raw COCO annotations behind item i's boxes, in the same order (segmentation
+    included), for heads that need more than boxes.
+    """
+
+    def __init__(self, ann_file: str, img_dir: str, categories: Sequence[dict] = (),
+                 label_space: str = "contiguous", train: bool = True, filter_empty: bool = True,
+                 skip_bad_images: bool = False, mapper=None, ann_setting: str = "data.train.ann_file",
+                 img_setting: str = "data.train.img_dir"):
+        if label_space not in LABEL_SPACES:
+            raise ConfigError(f"model.label_space={label_space!r}; valid values: {', '.join(LABEL_SPACES)}")
+        require_path(ann_file, ann_setting, "annotation file")
+        require_path(img_dir, img_setting, "image directory", folder=True)
+        self.ann_file, self.img_dir, self.train, self.mapper = ann_file, img_dir, train, mapper
+        data = read_json(ann_file)
+        check_coco_structure(data, ann_file)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+        self.categories = label_categories(categories, data["categories"], ann_file)
+        if label_space == "category_id":
+            self.category_id_to_label = {c["id"]: c["id"] for c in self.categories}
+        else:
+            self.category_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
+        self.stats = {"images": len(data["images"]), "annotations": len(data["annotations"]),
+                      **{k: 0 for k in ANNOTATION_DROPS}, "images_without_boxes": 0, "images_skipped": 0}
+        self.records = [self._record(img) for img in sorted(data["images"], key=lambda i: i["id"])]
+        if train and filter_empty:
+            kept = [r for r in self.records if len(r["labels"])]
+            self.stats["images_skipped"] = len(self.records) - len(kept)
+            self.records = kept
+        if not self.records:
+            raise DatasetError(f"{ann_file}: no usable images ({self._stats_text()}); check the annotations, "
+                               "or set data.filter_empty=false to train on images without objects")
+        self.reader = ImageReader(skip_bad_images)
+        logger.info("%s: %d images used; %s", ann_file, len(self.records), self._stats_text())
+
+    def _stats_text(self) -> str:
+        s = self.stats
+        dropped = ", ".join(f"{k} {s[k]}" for k in ANNOTATION_DROPS if s[k]) or "none"
+        return (f"{s['images']} images and {s['annotations']} annotations in the file; annotations left out: "
+                f"{dropped}; images without usable boxes: {s['images_without_boxes']}, skipped: {s['images_skipped']}")
+
+    def _record(self, img: dict) -> dict:
+        boxes, labels, kept = [], [], []
+        for ann in self.coco.imgToAnns[img["id"]]:
+            if ann.get("iscrowd", 0):
+                self.stats["crowd"] += 1
+                continue
+            if ann["category_id"] not in self.category_id_to_label:
+                self.stats["other_category"] += 1
+                continue
+            box, problem = clip_box(ann["bbox"], img["width"], img["height"])
+            if problem:
+                self.stats[problem] += 1
+                continue
+            boxes.append(box)
+            labels.append(self.category_id_to_label[ann["category_id"]])
+            kept.append(ann)
+        if not boxes:
+            self.stats["images_without_boxes"] += 1
+        return {"image_id": img["id"], "path": safe_join(self.img_dir, img["file_name"], self.ann_file, img["id"]),
+                "size": (int(img["height"]), int(img["width"])),
+                "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+                "labels": np.asarray(labels, np.int64), "annotations": kept}
+
+    @property
+    def landscape(self) -> List[bool]:
+        """Per item: width >= height, from the annotation file (no decoding), for aspect-ratio grouping."""
+        return [r["size"][1] >= r["size"][0] for r in self.records]
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images skipped so far by this process (each DataLoader worker counts its own)."""
+        return self.reader.num_skipped
+
+    def annotations(self, index: int) -> List[dict]:
+        return self.records[index]["annotations"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"CocoDetection index {index} out of range for {len(self.records)} images")
+        index, image = self.reader.first_readable(index, len(self.records), lambda j: self.records[j]["path"])
+        record = self.records[index]
+        if image.shape[:2] != record["size"]:
+            raise DatasetError(f"{record['path']}: image is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                               f"{self.ann_file} says {record['size'][1]}x{record['size'][0]} for image "
+                               f"{record['image_id']}")
+        boxes, labels = record["boxes"], record["labels"]
+        if self.mapper is not None:
+            args = (image, boxes, labels) if seed is None else (image, boxes, labels, seed)
+            image, boxes, labels = self.mapper(*args)
+        target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).reshape(-1, 4),
+                  "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64)).reshape(-1),
+                  "image_id": record["image_id"], "orig_size": record["size"]}
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target

@@ -1,0 +1,146 @@
+"""Detection augmentation with albumentations: image and boxes (and, for Mask R-CNN, masks) transformed
+together. Albumentations does all the geometry; this file only chooses sizes and wires the pipeline.
+
+The resize matches the model's own (`detection/preprocess.py`): scale = min(s / shorter, max / longer)
+and output sides floor(side * scale) in one bilinear interpolation, so training images are prepared
+exactly as the model prepares test images.
+"""
+import math
+from typing import Optional, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.augmentations.geometric import functional as fgeometric
+
+from engine.errors import ConfigError
+
+from ..preprocess import resized_scale
+from .samplers import sample_seed
+
+LSJ_KEYS = ("size", "min_scale", "max_scale")
+# A crop can leave slivers of boxes at its border; under 1 px^2 they are no longer objects.
+LSJ_MIN_BOX_AREA = 1.0
+
+
+def scaled_shape(height: int, width: int, scale: float):
+    """(H, W) after resizing by `scale`, rounded down like F.interpolate(recompute_scale_factor=True)."""
+    return max(1, int(math.floor(height * scale))), max(1, int(math.floor(width * scale)))
+
+
+class _ScaleResize(A.DualTransform):
+    """Resize by a scale chosen per call (`_scale`), in one interpolation: bilinear for the image,
+    nearest for masks. Boxes need nothing: albumentations keeps them normalised to the image size."""
+
+    def _scale(self, height: int, width: int) -> float:
+        raise NotImplementedError
+
+    def get_params_dependent_on_data(self, params, data):
+        height, width = params["shape"][:2]
+        return {"target_shape": scaled_shape(height, width, self._scale(height, width))}
+
+    def apply(self, img, target_shape=(1, 1), **params):
+        return fgeometric.resize(img, target_shape, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask, target_shape=(1, 1), **params):
+        return fgeometric.resize(mask, target_shape, cv2.INTER_NEAREST)
+
+    def apply_to_bboxes(self, bboxes, **params):
+        return bboxes
+
+
+class ResizeShortestEdge(_ScaleResize):
+    """Shorter side to a size drawn uniformly from `sizes` (one per call), longer side at most `max_size`."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int, p: float = 1.0):
+        super().__init__(p=p)
+        self.sizes, self.max_size = list(sizes), max_size
+
+    def _scale(self, height, width):
+        size = self.sizes[self.py_random.randrange(len(self.sizes))]
+        return resized_scale(height, width, size, self.max_size)
+
+    def get_transform_init_args_names(self):
+        return ("sizes", "max_size")
+
+
+class ScaleJitter(_ScaleResize):
+    """Longer side to `size` times a scale drawn uniformly from [min_scale, max_scale]."""
+
+    def __init__(self, size: int, min_scale: float, max_scale: float, p: float = 1.0):
+        super().__init__(p=p)
+        self.size, self.min_scale, self.max_scale = size, min_scale, max_scale
+
+    def _scale(self, height, width):
+        return self.size * self.py_random.uniform(self.min_scale, self.max_scale) / max(height, width)
+
+    def get_transform_init_args_names(self):
+        return ("size", "min_scale", "max_scale")
+
+
+def large_scale_jitter(size: int, min_scale: float = 0.1, max_scale: float = 2.0):
+    """Ghiasi et al. 2021 (Copy-Paste): the image scaled to `size` x [min_scale, max_scale] on its longer
+    side, then a random `size` x `size` crop, zero-padded at the bottom and right where it is smaller."""
+    if size <= 0 or not 0 < min_scale <= max_scale:
+        raise ConfigError(f"large-scale jitter needs size > 0 and 0 < min_scale <= max_scale; got size {size}, "
+                          f"min_scale {min_scale}, max_scale {max_scale} (input.lsj_*)")
+    return [ScaleJitter(size, min_scale, max_scale),
+            A.RandomCrop(size, size, pad_if_needed=True, pad_position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                         fill=0)]
+
+
+class DetectionTransform:
+    """`transform(image, boxes, labels, seed=None) -> (image, boxes, labels)`.
+
+    image: HxWx3 uint8; boxes: (N, 4) float xyxy pixels ("pascal_voc"); labels: (N,) ints, a label field,
+    so a box the transform drops takes its label with it. Masks can join the same call later.
+
+    seed: this call's random choices become a function of the seed alone, whatever process runs it. Each
+    transform gets its own seed derived from it: albumentations' `Compose.set_random_seed` hands all of
+    them the same one, which would tie, say, the jitter scale to the crop position.
+    """
+
+    def __init__(self, transforms, min_box_area: float = 0.0):
+        self.compose = A.Compose(transforms, bbox_params=A.BboxParams(
+            format="pascal_voc", label_fields=["labels"], min_area=min_box_area, clip=True))
+
+    def set_random_seed(self, seed: Optional[int]):
+        self.compose.set_random_seed(seed)
+        if seed is not None:
+            for k, t in enumerate(self.compose.transforms):
+                t.set_random_seed(sample_seed(seed, k))
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: Optional[int] = None):
+        if seed is not None:
+            self.set_random_seed(seed)
+        out = self.compose(image=image, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                           labels=np.asarray(labels, np.int64).reshape(-1))
+        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        return out["image"], boxes, np.asarray(out["labels"], np.int64).reshape(-1)
+
+
+def build_det_transform(train: bool, min_size_train=(800,), max_size_train=1333, min_size_test=800,
+                        max_size_test=1333, flip_prob=0.5, lsj: Optional[dict] = None) -> DetectionTransform:
+    """Training: large-scale jitter when `lsj` ({"size", "min_scale", "max_scale"}) is given, else a
+    shorter-side resize drawn from `min_size_train`; then a horizontal flip with `flip_prob`.
+    Test: the shorter-side resize to `min_size_test` only."""
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ConfigError(f"input.flip_prob={flip_prob} is not a probability in [0, 1]")
+    if not train:
+        return DetectionTransform([ResizeShortestEdge([min_size_test], max_size_test)])
+    if lsj:
+        unknown = set(lsj) - set(LSJ_KEYS)
+        if unknown:
+            raise ConfigError(f"large-scale jitter got unknown keys {sorted(unknown)}; valid: {', '.join(LSJ_KEYS)}")
+        return DetectionTransform(large_scale_jitter(**lsj) + [A.HorizontalFlip(p=flip_prob)],
+                                  min_box_area=LSJ_MIN_BOX_AREA)
+    if not min_size_train:
+        raise ConfigError("input.min_size_train is empty; give at least one shorter-side size")
+    return DetectionTransform([ResizeShortestEdge(min_size_train, max_size_train), A.HorizontalFlip(p=flip_prob)])
+
+
+def transform_from_config(cfg, train: bool) -> DetectionTransform:
+    i = cfg.input
+    lsj = {"size": i.lsj_size, "min_scale": i.lsj_min_scale, "max_scale": i.lsj_max_scale} if i.lsj_size else None
+    return build_det_transform(train, i.min_size_train, i.max_size_train, i.min_size_test, i.max_size_test,
+                               i.flip_prob, lsj)

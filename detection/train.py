@@ -1,0 +1,115 @@
+"""Detection training: `train_detector(cfg)` is what `tools/train_det.py` runs.
+
+Writes to `cfg.output_dir`: config.yaml, log.txt, metrics.jsonl, tensorboard/, model_{iter}.pth
+checkpoints with a `last_checkpoint` pointer, model_final.pth, loss_curve.png, and the final COCO
+evaluation on data.val (metrics.json, eval/).
+"""
+import logging
+import os
+
+from engine.checkpoint import Checkpointer
+from engine.config import save_config
+from engine.device import resolve_device
+from engine.errors import ConfigError
+from engine.events import MetricsWriter, plot_losses, setup_logging
+from engine.seeding import seed_everything
+from engine.solver import build_optimizer, check_steps
+from engine.trainer import Trainer, flat_metrics
+
+from .build import build_detector, load_detector_weights
+from .data.build import build_detection_train_loader
+from .data.coco import require_path
+from .inference import evaluate_detector
+
+logger = logging.getLogger("detection")
+
+FINAL = "model_final.pth"
+
+
+def detection_step(model, batch):
+    images, targets = batch
+    device = next(model.parameters()).device
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels")}
+               for t in targets]
+    return model(images, targets)
+
+
+def _fill_categories(cfg, dataset):
+    """Without `data.categories` in the config, the training set's own list becomes the label space, and
+    it is written into config.yaml, so that evaluation, inference and later runs map labels the same way."""
+    if cfg.data.categories:
+        return
+    cfg.data.categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories]
+    if len(cfg.data.categories) != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.train.ann_file} has "
+                          f"{len(cfg.data.categories)} categories; set model.num_classes="
+                          f"{len(cfg.data.categories)} (or list the classes to train in data.categories)")
+
+
+def train_detector(cfg, resume: bool = False):
+    """Train, then evaluate on data.val. Returns the final {iou_type: CocoEvalResult}."""
+    out = cfg.output_dir
+    # Fail in seconds, not after hours of training, when a dataset path is wrong.
+    for split in ("train", "val"):
+        require_path(cfg.data[split].ann_file, f"data.{split}.ann_file", f"{split} annotation file")
+        require_path(cfg.data[split].img_dir, f"data.{split}.img_dir", f"{split} image directory", folder=True)
+    setup_logging(out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    s = cfg.solver
+    check_steps(s, s.max_iter)
+    model = build_detector(cfg).to(device)
+    # The data pipeline resizes training images (albumentations, in the loader's workers).
+    model.preprocessor.resize_in_training = False
+    optimizer = build_optimizer(cfg, model)
+    checkpointer = Checkpointer(out)
+    start_iter, state = 0, {}
+    if resume:
+        state = checkpointer.resume(model, optimizer)
+        start_iter = state["iteration"]
+        logger.info("resumed from %s at iteration %d", state["path"], start_iter)
+    loader = build_detection_train_loader(cfg, start_iter=start_iter)
+    _fill_categories(cfg, loader.dataset)
+    save_config(cfg, out)
+    logger.info("training %s for %d iterations (%d images per batch) on %s; %d training images",
+                type(model).__name__, s.max_iter, s.ims_per_batch, device, len(loader.dataset))
+    writer = MetricsWriter(out, resume_from=start_iter if resume else None)
+    trainer = Trainer(cfg, model, optimizer, iter(loader), detection_step, checkpointer, writer, device,
+                      s.max_iter, evaluate=lambda m: _metrics(evaluate_detector(cfg, m, device)))
+    if "scaler" in state:
+        trainer.scaler.load_state_dict(state["scaler"])
+    try:
+        if start_iter < s.max_iter:
+            trainer.train(start_iter)
+            trainer.save(FINAL, s.max_iter)
+        reports = evaluate_detector(cfg, model, device)
+        writer.write({"iter": s.max_iter, **flat_metrics(_metrics(reports))}, prefix="val")
+    finally:
+        writer.close()
+        plot_losses(writer.history, os.path.join(out, "loss_curve.png"))
+    return reports
+
+
+def _metrics(reports):
+    return {iou_type: report.metrics for iou_type, report in reports.items()}
+
+
+def evaluate_only(cfg, weights=None):
+    """`tools/train_det.py --eval-only`: evaluate `weights`, else model.weights, else the run's final or
+    last checkpoint."""
+    setup_logging(cfg.output_dir)
+    save_config(cfg, cfg.output_dir)
+    device = resolve_device(cfg.device)
+    model = build_detector(cfg).to(device)
+    path = weights or cfg.model.weights  # build_detector has loaded model.weights already
+    if path is None:
+        final = os.path.join(cfg.output_dir, FINAL)
+        path = final if os.path.isfile(final) else Checkpointer(cfg.output_dir).last()
+        if path is None:
+            raise ConfigError(f"--eval-only needs weights: set model.weights=PATH, or train first so that "
+                              f"{cfg.output_dir} holds {FINAL} or a checkpoint")
+    if path != cfg.model.weights:
+        load_detector_weights(model, path)
+    logger.info("evaluating %s", path)
+    return evaluate_detector(cfg, model, device)
