@@ -56,3 +56,18 @@ def test_convert_weights_cli_bad_file(tmp_path):
     (tmp_path / "bad.pth").write_text("not weights")
     result = run_tool("convert_weights.py", "--from", "torchvision", tmp_path / "bad.pth", tmp_path / "o.pth")
     assert result.returncode == 2 and "bad.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_pipeline_on_a_tiny_run(tmp_path):
+    """`make demo` end to end, shortened: data, training, evaluation, drawings, loss curve, the table."""
+    result = subprocess.run([sys.executable, "tools/demo.py", "--output", str(tmp_path), "--train-images", "16",
+                             "--val-images", "4", "solver.max_iter=2", "solver.warmup_iters=1",
+                             "solver.checkpoint_period=0", "data.num_workers=0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    det = tmp_path / "det"
+    for name in ("metrics.json", "loss_curve.png", "model_final.pth", "config.yaml", "vis/results.json"):
+        assert (det / name).is_file(), name
+    assert len(list((det / "vis").glob("*.png"))) == 4
+    assert "bbox (COCO, %)" in result.stdout and "demo finished in" in result.stdout
+    assert len(list((tmp_path / "data" / "train").glob("*.png"))) == 16
