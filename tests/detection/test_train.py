@@ -24,7 +24,7 @@ TINY = {
     "solver": {"base_lr": 0.01, "ims_per_batch": 2, "max_iter": 6, "checkpoint_period": 3, "log_period": 2,
                "warmup_iters": 2},
     "data": {"num_workers": 0, "categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]},
-    "test": {"eval_period": 0},
+    "test": {"eval_period": 3},
     "device": "cpu",
 }
 
@@ -75,6 +75,8 @@ def test_training_writes_every_output(full_run):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["iter"] for r in train_records] == [0, 1, 3, 5]
+    # test.eval_period=3: one evaluation during training, then the final one.
+    assert [r["iter"] for r in records if "bbox/AP" in r] == [3, 6]
     for key in ("lr", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "data_time", "time"):
         assert key in train_records[0], key
     assert set(json.loads((out / "metrics.json").read_text())["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -182,3 +182,17 @@ def test_metrics_writer_drops_redone_iterations_on_resume(tmp_path):
     w.close()
     its = [json.loads(l)["iter"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert its == [0, 1, 2, 3, 4]
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    from engine.solver import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4),
+                                torch.nn.Linear(4, 2))
+    cfg = Config.from_dict({"solver": {"weight_decay": 0.01, "no_weight_decay_norm_bias": True}})
+    decay, no_decay = build_optimizer(cfg, model).param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(no_decay["params"]) == 6  # conv and linear biases, BN and GN weights and biases
+    cfg.solver.no_weight_decay_norm_bias = False
+    assert len(build_optimizer(cfg, model).param_groups) == 1
