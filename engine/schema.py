@@ -51,7 +51,7 @@ def _split(name: str) -> dict:
 
 SCHEMA: dict = {
     "model": {
-        "name": Opt(str, "resnet_fpn", choices=("classifier", "resnet_fpn", "faster_rcnn"),
+        "name": Opt(str, "resnet_fpn", choices=("classifier", "resnet_fpn", "faster_rcnn", "mask_rcnn"),
                     help="which model the builder makes"),
         "num_classes": Opt(int, 1000, help="classes of the classifier; foreground classes of a detector"),
         "label_space": Opt(str, "contiguous", choices=("contiguous", "category_id"),
@@ -118,6 +118,15 @@ SCHEMA: dict = {
             "box_loss": Opt(str, "smooth_l1", choices=("smooth_l1", "l1"), help="box regression loss"),
             "smooth_l1_beta": Opt(float, 1 / 9, help="smooth-L1 transition point"),
         },
+        "mask_head": {
+            "in_features": Opt(list, ["0", "1", "2", "3"], elem=str, help="backbone outputs mask RoIs are pooled from"),
+            "pooler_resolution": Opt(int, 14, help="RoIAlign output size of the mask branch"),
+            "sampling_ratio": Opt(int, 2, help="RoIAlign samples per bin side; 0: adaptive"),
+            "num_conv": Opt(int, 4, help="3x3 convolutions before the 2x deconvolution"),
+            "conv_dim": Opt(int, 256, help="width of the mask head's convolutions"),
+            "norm": Opt(str, "", choices=("",) + _NORMS, help="norm in the mask head's convolutions"),
+            "class_agnostic": Opt(bool, False, help="one mask per RoI instead of one per class"),
+        },
     },
     "input": {
         "size": Opt(int, 224, help="classification crop size"),
@@ -171,6 +180,7 @@ SCHEMA: dict = {
         "score_thresh": Opt(float, 0.05, help="detections with a lower class probability are dropped"),
         "nms_thresh": Opt(float, 0.5, help="IoU threshold of the per-class NMS"),
         "detections_per_img": Opt(int, 100, help="detections kept per image"),
+        "mask_thresh": Opt(float, 0.5, help="mask probability at or above which a pixel belongs to the object"),
         "evaluator_backend": Opt(str, "pycocotools", choices=("pycocotools", "faster_coco_eval"),
                                  help="COCO evaluator; both give the same numbers, faster_coco_eval sooner"),
     },
