@@ -3,11 +3,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from engine.config import save_config
@@ -16,6 +17,7 @@ from engine.data.imagefolder import IMAGE_EXTENSIONS
 from engine.device import resolve_device
 from engine.errors import DatasetError
 
+from .data.build import wants_masks
 from .data.coco import require_path
 from .build import build_detector, category_ids, category_names, load_detector_weights
 from .visualize import draw_detections
@@ -38,11 +40,32 @@ def list_images(paths: Sequence[str]) -> List[str]:
     return files
 
 
-def to_coco_results(det: Dict[str, torch.Tensor], label_to_id: Dict[int, int], **fields) -> List[dict]:
-    """One COCO results entry per detection: bbox as [x, y, w, h] and the dataset's category id."""
+def binary_masks(det: Dict[str, torch.Tensor], mask_thresh: float) -> Optional[np.ndarray]:
+    """The detections' masks (N, H, W) bool, a pixel in where its probability is >= `mask_thresh`; None
+    for a model without masks. `det["masks"]`: (N, 1, H, W) probabilities at the original image size."""
+    if "masks" not in det:
+        return None
+    return (det["masks"][:, 0] >= mask_thresh).cpu().numpy()
+
+
+def encode_masks(masks: np.ndarray) -> List[dict]:
+    """(N, H, W) binary masks -> COCO compressed RLE {"size": [H, W], "counts": str}, JSON-ready."""
+    # pycocotools reads masks column-major (H, W, N) Fortran order.
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def to_coco_results(det: Dict[str, torch.Tensor], label_to_id: Dict[int, int], masks: Optional[np.ndarray] = None,
+                    **fields) -> List[dict]:
+    """One COCO results entry per detection: bbox as [x, y, w, h] and the dataset's category id; with
+    `masks` ((N, H, W) binary, `binary_masks`), also segmentation as compressed RLE."""
     boxes = det["boxes"].tolist()
-    return [{**fields, "category_id": label_to_id[int(l)], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
-            for (x1, y1, x2, y2), s, l in zip(boxes, det["scores"].tolist(), det["labels"].tolist())]
+    entries = [{**fields, "category_id": label_to_id[int(l)], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
+               for (x1, y1, x2, y2), s, l in zip(boxes, det["scores"].tolist(), det["labels"].tolist())]
+    if masks is not None:
+        for entry, rle in zip(entries, encode_masks(masks)):
+            entry["segmentation"] = rle
+    return entries
 
 
 def load_model(cfg, weights):
@@ -57,10 +80,18 @@ def image_tensor(image: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).to(device)
 
 
+def detect(model, image: np.ndarray, device, mask_thresh: float):
+    """The model's detections on one HxWx3 RGB image, on the CPU, and their binary masks (None without)."""
+    det = model([image_tensor(image, device)])[0]
+    masks = binary_masks(det, mask_thresh)  # thresholded on the device: 4x less to copy than float masks
+    return {k: v.cpu() for k, v in det.items() if k != "masks"}, masks
+
+
 @torch.inference_mode()
 def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visualize: bool = True):
-    """Detect on every image in `inputs`; write `output_dir/results.json` and one PNG per image.
-    Returns (results, failures) where failures maps file -> reason; unreadable files do not stop the run."""
+    """Detect on every image in `inputs`; write `output_dir/results.json` and one PNG per image (with the
+    masks, thresholded at test.mask_thresh, when the model predicts them). Returns (results, failures)
+    where failures maps file -> reason; unreadable files do not stop the run."""
     os.makedirs(output_dir, exist_ok=True)
     save_config(cfg, output_dir)
     model, device = load_model(cfg, weights)
@@ -74,12 +105,12 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
             failures[path] = str(e)
             logger.error("%s", e)
             continue
-        det = {k: v.cpu() for k, v in model([image_tensor(image, device)])[0].items()}
-        entries = to_coco_results(det, label_to_id, file_name=os.path.basename(path))
+        det, masks = detect(model, image, device, cfg.test.mask_thresh)
+        entries = to_coco_results(det, label_to_id, masks, file_name=os.path.basename(path))
         results += entries
         if visualize:
             drawn = draw_detections(image, det["boxes"].numpy(), det["scores"].numpy(),
-                                    [e["category_id"] for e in entries], names)
+                                    [e["category_id"] for e in entries], names, masks)
             cv2.imwrite(os.path.join(output_dir, Path(path).stem + ".png"), drawn[:, :, ::-1])
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f)
@@ -87,27 +118,31 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
 
 
 @torch.inference_mode()
-def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int]) -> List[dict]:
-    """COCO results (image_id, category_id, bbox, score) for every image of a COCO ground truth."""
+def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int],
+                 mask_thresh: float = 0.5) -> List[dict]:
+    """COCO results (image_id, category_id, bbox, score, and segmentation when the model predicts masks)
+    for every image of a COCO ground truth. Masks become RLE image by image: full-size masks of a
+    whole dataset would not fit in memory."""
     results = []
     img_ids = sorted(gt.getImgIds())
     for img_id in tqdm(img_ids, desc="eval", disable=len(img_ids) <= PROGRESS_MIN_IMAGES or None):
         image = read_image(os.path.join(img_dir, gt.imgs[img_id]["file_name"]))
-        det = {k: v.cpu() for k, v in model([image_tensor(image, device)])[0].items()}
-        results += to_coco_results(det, label_to_id, image_id=img_id)
+        det, masks = detect(model, image, device, mask_thresh)
+        results += to_coco_results(det, label_to_id, masks, image_id=img_id)
     return results
 
 
 def evaluate_detector(cfg, model, device):
-    """Run `model` over data.val and evaluate with COCO AP; writes output_dir/metrics.json and
-    output_dir/eval/. Returns {iou_type: CocoEvalResult}."""
+    """Run `model` over data.val and evaluate with COCO AP, box AP and, for a model with masks
+    (model.name mask_rcnn), mask AP; writes output_dir/metrics.json and output_dir/eval/.
+    Returns {iou_type: CocoEvalResult}."""
     from .evaluation.coco_eval import evaluate_and_write, load_coco_gt, load_results
 
     require_path(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
     require_path(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory", folder=True)
     gt = load_coco_gt(cfg.data.val.ann_file, setting="data.val.ann_file")
     model.eval()
-    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg))
+    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg), cfg.test.mask_thresh)
     # A head can know classes the ground truth lacks (torchvision's 91-way COCO head has 10 unused ids);
     # COCO AP only scores the ground truth's categories, so those detections are left out, counted.
     known = set(gt.getCatIds())
@@ -117,7 +152,9 @@ def evaluate_detector(cfg, model, device):
                        cfg.data.val.ann_file, sorted({r["category_id"] for r in unknown}))
         results = [r for r in results if r["category_id"] in known]
     results = load_results(results, gt)
-    return evaluate_and_write(cfg, gt, results, "the model's detections", ["bbox"])
+    has_masks = wants_masks(cfg) or bool(results and "segmentation" in results[0])
+    return evaluate_and_write(cfg, gt, results, "the model's detections",
+                              ["bbox", "segm"] if has_masks else ["bbox"])
 
 
 def evaluate_model(cfg, weights: str):

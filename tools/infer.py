@@ -4,7 +4,8 @@
         --input photos/ street.jpg --output out/ test.score_thresh=0.5
 
 Writes OUTPUT/results.json ({"file_name", "category_id", "bbox": [x, y, w, h], "score"} per detection,
-category ids as the dataset defines them) and OUTPUT/<image stem>.png with the detections drawn.
+category ids as the dataset defines them; a Mask R-CNN adds "segmentation", compressed RLE of the mask
+thresholded at test.mask_thresh) and OUTPUT/<image stem>.png with the detections (and masks) drawn.
 A file that cannot be read is named and skipped; the exit status is then 1.
 """
 import sys

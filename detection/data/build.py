@@ -16,13 +16,20 @@ def collate_lists(batch):
     return list(images), list(targets)
 
 
+def wants_masks(cfg) -> bool:
+    """Whether the configured model predicts instance masks: then datasets carry masks and evaluation
+    scores "segm" next to "bbox"."""
+    return cfg.model.name == "mask_rcnn"
+
+
 def build_dataset(cfg, split: str, train: bool, mapper=None) -> CocoDetection:
-    """`data.<split>` as a CocoDetection with the config's categories, label space and filters."""
+    """`data.<split>` as a CocoDetection with the config's categories, label space and filters, with
+    instance masks when the model predicts them."""
     d = cfg.data
     return CocoDetection(d[split].ann_file, d[split].img_dir, categories=d.categories,
                          label_space=cfg.model.label_space, train=train, filter_empty=d.filter_empty,
                          skip_bad_images=d.skip_bad_images, mapper=mapper, ann_setting=f"data.{split}.ann_file",
-                         img_setting=f"data.{split}.img_dir")
+                         img_setting=f"data.{split}.img_dir", with_masks=wants_masks(cfg))
 
 
 def _loader(dataset, batch_sampler, num_workers: int, seed: int) -> DataLoader:

@@ -5,6 +5,16 @@ file's categories sorted by id), with 0 the background; `label_space="category_i
 themselves. Crowd regions never become targets; boxes are clipped to the image; boxes with no
 area left, NaN or infinite coordinates are dropped. Every drop is counted (`stats`) and logged once, so a
 broken conversion shows in the log instead of as a quietly weaker model.
+
+Instance masks (`with_masks=True`, Mask R-CNN) come from each annotation's `segmentation`: polygons (one
+or more flat [x0, y0, x1, y1, ...] lists per object), uncompressed RLE ({"size", "counts": [ints]}) or
+compressed RLE (counts a str). They are checked when the file is read and rasterised by pycocotools only
+in `__getitem__`, at the image's own size, so no full-image bitmaps are kept for the dataset. A polygon
+with fewer than 3 points, an odd number of coordinates or a NaN/inf coordinate is left out; an object
+with no usable polygon left is dropped entirely, box included (as torchvision and Detectron2 expect:
+a box target without its mask would teach the mask head an empty object). Coordinates outside the image
+are clipped by the rasterisation; self-intersecting polygons are filled as pycocotools fills them. An RLE
+whose size is not the image's is a DatasetError naming the annotation.
 """
 import contextlib
 import io
@@ -16,6 +26,7 @@ from typing import List, Sequence
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
@@ -31,7 +42,10 @@ REQUIRED_KEYS = {"images": ("image", ("id", "file_name", "height", "width")),
                  "categories": ("category", ("id", "name"))}
 # Why an annotation is not a target: crowd region, w or h <= 0, NaN/inf, nothing left after clipping to
 # the image, category not among `categories`.
-ANNOTATION_DROPS = ("crowd", "degenerate", "non_finite", "outside_image", "other_category")
+# With masks also: no usable polygon (or no segmentation at all).
+ANNOTATION_DROPS = ("crowd", "degenerate", "non_finite", "outside_image", "other_category", "no_valid_mask")
+# Single polygons left out of an object's mask (with_masks); the object stays while one polygon is left.
+POLYGON_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_finite")
 # Narrower than this after clipping, a box is a line, not an object (the model's regression targets
 # would divide by its width).
 MIN_BOX_SIDE = 1e-2
@@ -128,6 +142,58 @@ def clip_box(bbox, width, height):
     return (x0, y0, x1, y1), None
 
 
+def _check_rle(seg: dict, img: dict, path: str, ann_id) -> dict:
+    counts = seg.get("counts")
+    if not ("size" in seg and (isinstance(counts, str) or (isinstance(counts, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in counts)))):
+        raise DatasetError(f"{path}: annotation {ann_id} has an RLE segmentation without 'size' or with 'counts' "
+                           "neither a str (compressed) nor a list of ints (uncompressed)")
+    if seg["size"] != [img["height"], img["width"]]:
+        raise DatasetError(f"{path}: annotation {ann_id} has an RLE of size {seg['size']} (height, width), but image "
+                           f"{img['id']} is {[img['height'], img['width']]}; the mask must cover its image exactly")
+    return seg
+
+
+def check_segmentation(seg, img: dict, path: str, ann_id):
+    """(what `rasterize` takes, or None when no usable polygon is left; the POLYGON_DROPS reason of each
+    polygon left out). A malformed entry (not polygons or RLE, or an RLE of another size) is a DatasetError."""
+    if isinstance(seg, dict):
+        return _check_rle(seg, img, path, ann_id), []
+    if not isinstance(seg, list):
+        raise DatasetError(f"{path}: annotation {ann_id} has segmentation {str(seg)[:80]}; expected polygons "
+                           "[[x0, y0, x1, y1, ...], ...] or RLE {'size': [height, width], 'counts': ...}")
+    kept, dropped = [], []
+    for poly in seg:
+        if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
+            raise DatasetError(f"{path}: annotation {ann_id} has polygon {str(poly)[:80]}; a polygon is a flat "
+                               "list of numbers [x0, y0, x1, y1, ...]")
+        if not all(math.isfinite(v) for v in poly):
+            dropped.append("polygon_non_finite")
+        elif len(poly) < 6:
+            dropped.append("polygon_too_short")
+        elif len(poly) % 2:
+            dropped.append("polygon_odd_length")
+        else:
+            kept.append(poly)
+    return kept or None, dropped
+
+
+def rasterize(segmentations: Sequence, height: int, width: int) -> np.ndarray:
+    """(N, height, width) uint8 binary masks of checked segmentations (`check_segmentation`), by pycocotools:
+    the polygons of one object merged into one mask, RLE decoded."""
+    if not segmentations:
+        return np.zeros((0, height, width), np.uint8)
+    rles = []
+    for seg in segmentations:
+        if isinstance(seg, list):
+            rles.append(mask_utils.merge(mask_utils.frPyObjects(seg, height, width)))
+        elif isinstance(seg["counts"], list):
+            rles.append(mask_utils.frPyObjects(seg, height, width))
+        else:
+            rles.append(seg)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+
+
 def label_categories(categories: Sequence[dict], file_categories: Sequence[dict], path: str) -> List[dict]:
     """The detector's classes in label order: `categories` checked against the file, or the file's own."""
     by_id = {c["id"]: c for c in file_categories}
@@ -153,13 +219,15 @@ def label_categories(categories: Sequence[dict], file_categories: Sequence[dict]
 class CocoDetection(Dataset):
     """Items are `(image, target)`: image a uint8 (3, H, W) RGB tensor after `mapper`; target a dict of
     `boxes` (N, 4) float32 xyxy in that image's pixels, `labels` (N,) int64, `image_id` and `orig_size`
-    (H, W) of the file. An item may be an index or an `(index, seed)` pair; the seed fixes the
-    augmentation of that item (see samplers.py).
+    (H, W) of the file; with `with_masks`, also `masks` (N, H, W) uint8, one binary mask per box in the same
+    order, in the same pixels as the image. An item may be an index or an `(index, seed)` pair; the seed
+    fixes the augmentation of that item (see samplers.py).
 
     Crowd regions are never targets (COCO evaluation reads them from the annotation file itself).
     train: with `filter_empty`, images without any usable box are skipped; at test every image is kept.
-    mapper: `mapper(image, boxes, labels[, seed]) -> (image, boxes, labels)` (mapper.DetectionTransform)
-    or None (the decoded image as it is).
+    mapper: `mapper(image, boxes, labels[, seed]) -> (image, boxes, labels)`, with masks
+    `mapper(image, boxes, labels[, seed], masks=masks) -> (image, boxes, labels, masks)`
+    (mapper.DetectionTransform), or None (the decoded image as it is).
     skip_bad_images: an unreadable image is logged, counted (`num_skipped`) and the next one returned,
     instead of a DatasetError naming the file.
     `annotations(i)`: the raw COCO annotations behind item i's boxes, in the same order (segmentation
@@ -169,12 +237,13 @@ class CocoDetection(Dataset):
     def __init__(self, ann_file: str, img_dir: str, categories: Sequence[dict] = (),
                  label_space: str = "contiguous", train: bool = True, filter_empty: bool = True,
                  skip_bad_images: bool = False, mapper=None, ann_setting: str = "data.train.ann_file",
-                 img_setting: str = "data.train.img_dir"):
+                 img_setting: str = "data.train.img_dir", with_masks: bool = False):
         if label_space not in LABEL_SPACES:
             raise ConfigError(f"model.label_space={label_space!r}; valid values: {', '.join(LABEL_SPACES)}")
         require_path(ann_file, ann_setting, "annotation file")
         require_path(img_dir, img_setting, "image directory", folder=True)
         self.ann_file, self.img_dir, self.train, self.mapper = ann_file, img_dir, train, mapper
+        self.with_masks = with_masks
         data = read_json(ann_file)
         check_coco_structure(data, ann_file)
         self.coco = COCO()
@@ -188,7 +257,8 @@ class CocoDetection(Dataset):
             self.category_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
         self.stats = {"images": len(data["images"]), "annotations": len(data["annotations"]),
-                      **{k: 0 for k in ANNOTATION_DROPS}, "images_without_boxes": 0, "images_skipped": 0}
+                      **{k: 0 for k in ANNOTATION_DROPS}, **{k: 0 for k in POLYGON_DROPS},
+                      "images_without_boxes": 0, "images_skipped": 0}
         self.records = [self._record(img) for img in sorted(data["images"], key=lambda i: i["id"])]
         if train and filter_empty:
             kept = [r for r in self.records if len(r["labels"])]
@@ -203,14 +273,18 @@ class CocoDetection(Dataset):
     def _stats_text(self) -> str:
         s = self.stats
         dropped = ", ".join(f"{k} {s[k]}" for k in ANNOTATION_DROPS if s[k]) or "none"
+        polygons = ", ".join(f"{k} {s[k]}" for k in POLYGON_DROPS if s[k])
         return (f"{s['images']} images and {s['annotations']} annotations in the file; annotations left out: "
-                f"{dropped}; images without usable boxes: {s['images_without_boxes']}, skipped: {s['images_skipped']}")
+                f"{dropped}; {'polygons left out: ' + polygons + '; ' if polygons else ''}images without usable "
+                f"boxes: {s['images_without_boxes']}, skipped: {s['images_skipped']}")
 
     def _record(self, img: dict) -> dict:
-        boxes, labels, kept = [], [], []
+        boxes, labels, kept, segmentations = [], [], [], []
         for ann in self.coco.imgToAnns[img["id"]]:
             if ann.get("iscrowd", 0):
                 self.stats["crowd"] += 1
+                if self.with_masks and isinstance(ann.get("segmentation"), dict):
+                    _check_rle(ann["segmentation"], img, self.ann_file, ann["id"])  # COCO evaluation reads it
                 continue
             if ann["category_id"] not in self.category_id_to_label:
                 self.stats["other_category"] += 1
@@ -219,6 +293,14 @@ class CocoDetection(Dataset):
             if problem:
                 self.stats[problem] += 1
                 continue
+            if self.with_masks:
+                seg, polygons_dropped = check_segmentation(ann.get("segmentation", []), img, self.ann_file, ann["id"])
+                for reason in polygons_dropped:
+                    self.stats[reason] += 1
+                if seg is None:
+                    self.stats["no_valid_mask"] += 1
+                    continue
+                segmentations.append(seg)
             boxes.append(box)
             labels.append(self.category_id_to_label[ann["category_id"]])
             kept.append(ann)
@@ -227,7 +309,8 @@ class CocoDetection(Dataset):
         return {"image_id": img["id"], "path": safe_join(self.img_dir, img["file_name"], self.ann_file, img["id"]),
                 "size": (int(img["height"]), int(img["width"])),
                 "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-                "labels": np.asarray(labels, np.int64), "annotations": kept}
+                "labels": np.asarray(labels, np.int64), "annotations": kept,
+                "segmentations": segmentations if self.with_masks else None}
 
     @property
     def landscape(self) -> List[bool]:
@@ -256,10 +339,17 @@ class CocoDetection(Dataset):
                                f"{self.ann_file} says {record['size'][1]}x{record['size'][0]} for image "
                                f"{record['image_id']}")
         boxes, labels = record["boxes"], record["labels"]
+        # Rasterised here, one image at a time: bitmaps of a whole dataset would not fit in memory.
+        masks = rasterize(record["segmentations"], *record["size"]) if self.with_masks else None
         if self.mapper is not None:
             args = (image, boxes, labels) if seed is None else (image, boxes, labels, seed)
-            image, boxes, labels = self.mapper(*args)
+            if self.with_masks:
+                image, boxes, labels, masks = self.mapper(*args, masks=masks)
+            else:
+                image, boxes, labels = self.mapper(*args)
         target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).reshape(-1, 4),
                   "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64)).reshape(-1),
                   "image_id": record["image_id"], "orig_size": record["size"]}
+        if self.with_masks:
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, np.uint8))
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), target

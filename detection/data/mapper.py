@@ -90,10 +90,14 @@ def large_scale_jitter(size: int, min_scale: float = 0.1, max_scale: float = 2.0
 
 
 class DetectionTransform:
-    """`transform(image, boxes, labels, seed=None) -> (image, boxes, labels)`.
+    """`transform(image, boxes, labels, seed=None) -> (image, boxes, labels)`, and with instance masks
+    `transform(image, boxes, labels, seed, masks=masks) -> (image, boxes, labels, masks)`.
 
     image: HxWx3 uint8; boxes: (N, 4) float xyxy pixels ("pascal_voc"); labels: (N,) ints, a label field,
-    so a box the transform drops takes its label with it. Masks can join the same call later.
+    so a box the transform drops takes its label with it. masks: (N, H, W) uint8, one per box, moved with
+    the image (nearest-neighbour resize, flip, crop, zero padding); a box the transform drops (an LSJ crop)
+    takes its mask with it, through the box's index carried as a second label field. Boxes stay as given,
+    never recomputed from the masks.
 
     seed: this call's random choices become a function of the seed alone, whatever process runs it. Each
     transform gets its own seed derived from it: albumentations' `Compose.set_random_seed` hands all of
@@ -102,7 +106,7 @@ class DetectionTransform:
 
     def __init__(self, transforms, min_box_area: float = 0.0):
         self.compose = A.Compose(transforms, bbox_params=A.BboxParams(
-            format="pascal_voc", label_fields=["labels"], min_area=min_box_area, clip=True))
+            format="pascal_voc", label_fields=["labels", "indices"], min_area=min_box_area, clip=True))
 
     def set_random_seed(self, seed: Optional[int]):
         self.compose.set_random_seed(seed)
@@ -110,13 +114,27 @@ class DetectionTransform:
             for k, t in enumerate(self.compose.transforms):
                 t.set_random_seed(sample_seed(seed, k))
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: Optional[int] = None):
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: Optional[int] = None,
+                 masks: Optional[np.ndarray] = None):
         if seed is not None:
             self.set_random_seed(seed)
-        out = self.compose(image=image, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
-                           labels=np.asarray(labels, np.int64).reshape(-1))
-        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
-        return out["image"], boxes, np.asarray(out["labels"], np.int64).reshape(-1)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        data = {"image": image, "bboxes": boxes, "labels": np.asarray(labels, np.int64).reshape(-1),
+                "indices": np.arange(len(boxes))}
+        if masks is not None:
+            if len(masks) != len(boxes) or tuple(masks.shape[1:]) != image.shape[:2]:
+                raise ValueError(f"masks of shape {tuple(masks.shape)} for {len(boxes)} boxes on an image of "
+                                 f"shape {image.shape[:2]}; expected one (H, W) mask per box")
+            if len(masks):  # albumentations cannot stack an empty list of masks
+                data["masks"] = masks
+        out = self.compose(**data)
+        image, boxes = out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        labels = np.asarray(out["labels"], np.int64).reshape(-1)
+        if masks is None:
+            return image, boxes, labels
+        kept = np.asarray(out["indices"], np.int64).reshape(-1)
+        masks = np.asarray(out["masks"])[kept] if len(masks) else np.zeros((0, *image.shape[:2]), np.uint8)
+        return image, boxes, labels, masks
 
 
 def build_det_transform(train: bool, min_size_train=(800,), max_size_train=1333, min_size_test=800,

@@ -105,3 +105,15 @@ def test_real_coco_batches_group_by_orientation(tmp_path):
         assert len(landscape) == 1
         orientations |= landscape
     assert orientations == {True, False}
+
+
+def test_mask_rcnn_batches_carry_masks(shapes_cfg):
+    cfg = _cfg(shapes_cfg, "model.name=mask_rcnn")
+    images, targets = _iterate(cfg, 1)[0]
+    for image, target in zip(images, targets):
+        masks = target["masks"]
+        assert masks.dtype == torch.uint8 and masks.shape == (len(target["boxes"]), *image.shape[1:])
+        assert set(masks.unique().tolist()) <= {0, 1} and (masks.flatten(1).sum(1) > 0).all()
+    assert "masks" not in _iterate(shapes_cfg, 1)[0][1][0]  # Faster R-CNN batches stay as they were
+    val_images, val_targets = next(iter(build_detection_test_loader(cfg)))
+    assert val_targets[0]["masks"].shape[1:] == val_images[0].shape[1:]
