@@ -18,7 +18,6 @@ whose size is not the image's is a DatasetError naming the annotation.
 """
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from engine.data.decode import ImageReader
+from engine.data.decode import ImageReader, read_json
 from engine.errors import ConfigError, DatasetError
 
 logger = logging.getLogger("detection.data")
@@ -58,17 +57,6 @@ def require_path(path, setting: str, what: str, folder: bool = False):
     if not (os.path.isdir(path) if folder else os.path.isfile(path)):
         raise ConfigError(f"{what} not found: {path} (set by {setting}; change it with {setting}=PATH, or set "
                           "the DATASETS environment variable if the config uses ${DATASETS})")
-
-
-def read_json(path: str):
-    """The parsed file, or a DatasetError naming it (never a bare json traceback)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _is_number(v) -> bool:
@@ -244,7 +232,7 @@ class CocoDetection(Dataset):
         require_path(img_dir, img_setting, "image directory", folder=True)
         self.ann_file, self.img_dir, self.train, self.mapper = ann_file, img_dir, train, mapper
         self.with_masks = with_masks
-        data = read_json(ann_file)
+        data = read_json(ann_file, "annotation file")
         check_coco_structure(data, ann_file)
         self.coco = COCO()
         self.coco.dataset = data

@@ -29,6 +29,7 @@ from typing import Any
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from engine.data.decode import read_json
 from engine.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def load_coco_gt(path: str | os.PathLike, setting: str | None = None) -> COCO:
     """Read and check a COCO instances file. `setting` is the config key that named it, for the errors."""
     path = Path(path)
     where = f" (set by {setting})" if setting else ""
-    data = _read_json(path, f"ground-truth annotation file{where}")
+    data = read_json(path, f"ground-truth annotation file{where}")
     _check_gt(data, str(path))
     gt = COCO()
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -133,7 +134,7 @@ def load_results(results_or_path: list | str | os.PathLike, coco_gt: COCO | str 
     gt = _as_coco(coco_gt)
     if isinstance(results_or_path, (str, os.PathLike)):
         name = str(results_or_path)
-        entries = _read_json(Path(results_or_path), "results file")
+        entries = read_json(Path(results_or_path), "results file")
     else:
         name, entries = "results", results_or_path
     if not isinstance(entries, list):
@@ -460,19 +461,6 @@ def evaluate_and_write(cfg: Mapping, gt: COCO, results: list[dict], name: str,
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
 def _json(value: Any) -> str:

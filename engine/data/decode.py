@@ -1,4 +1,5 @@
 """Decode an image file into an HxWx3 uint8 RGB array, the one format the data pipeline works with."""
+import json
 import logging
 import os
 
@@ -74,3 +75,19 @@ class ImageReader:
                 self.bad_files.add(path)
                 logger.warning("skipping unreadable image: %s", e)
         raise DatasetError(f"none of the {count} images can be read (first: {path_of(0)})")
+
+
+def read_json(path, what: str):
+    """The parsed JSON file at `path`; a DatasetError naming `what` and the file otherwise (never a bare
+    json or OS traceback)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
