@@ -32,7 +32,8 @@ def build_preprocessor(cfg) -> Preprocessor:
 
 
 def build_detector(config, overrides=()) -> FasterRCNN:
-    """A Faster R-CNN from a config file path or a resolved Config, plus KEY=VALUE overrides."""
+    """A Faster R-CNN, or a Mask R-CNN for model.name=mask_rcnn, from a config file path or a resolved
+    Config, plus KEY=VALUE overrides."""
     cfg = as_config(config, overrides)
     m = cfg.model
     backbone = build_backbone(cfg)
@@ -45,8 +46,8 @@ def build_detector(config, overrides=()) -> FasterRCNN:
               pre_nms_topk_test=r.pre_nms_topk_test, post_nms_topk_train=r.post_nms_topk_train,
               post_nms_topk_test=r.post_nms_topk_test, nms_thresh=r.nms_thresh, min_box_size=r.min_box_size,
               score_thresh=r.score_thresh, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta)
-    roi_heads = RoIHeads(
-        _select(shapes, h.in_features, "model.roi_heads.in_features"), num_classes=m.num_classes,
+    heads = dict(
+        num_classes=m.num_classes,
         pooler_resolution=h.pooler_resolution, sampling_ratio=h.sampling_ratio, aligned=h.aligned,
         canonical_box_size=h.canonical_box_size, canonical_level=h.canonical_level, box_head=h.box_head,
         fc_dim=h.fc_dim, conv_dim=h.conv_dim, head_norm=h.norm, iou_threshold=h.iou_threshold,
@@ -55,7 +56,21 @@ def build_detector(config, overrides=()) -> FasterRCNN:
         score_thresh=cfg.test.score_thresh, nms_thresh=cfg.test.nms_thresh,
         detections_per_img=cfg.test.detections_per_img, min_box_size=h.min_box_size, box_loss=h.box_loss,
         smooth_l1_beta=h.smooth_l1_beta)
-    model = FasterRCNN(backbone, rpn, roi_heads, build_preprocessor(cfg))
+    box_shapes = _select(shapes, h.in_features, "model.roi_heads.in_features")
+    if m.name == "mask_rcnn":
+        # Imported here: segmentation builds on detection, so detection cannot import it at load time.
+        from segmentation.mask_rcnn import MaskRCNN
+        from segmentation.roi_heads import MaskRoIHeads
+
+        k = m.mask_head
+        roi_heads = MaskRoIHeads(
+            box_shapes, mask_input_shape=_select(shapes, k.in_features, "model.mask_head.in_features"),
+            mask_pooler_resolution=k.pooler_resolution, mask_sampling_ratio=k.sampling_ratio,
+            mask_num_conv=k.num_conv, mask_conv_dim=k.conv_dim, mask_norm=k.norm,
+            class_agnostic_masks=k.class_agnostic, **heads)
+        model = MaskRCNN(backbone, rpn, roi_heads, build_preprocessor(cfg))
+    else:
+        model = FasterRCNN(backbone, rpn, RoIHeads(box_shapes, **heads), build_preprocessor(cfg))
     if m.weights:
         load_detector_weights(model, m.weights)
     return model
@@ -92,7 +107,7 @@ def category_names(cfg) -> Dict[int, str]:
     return {int(c["id"]): str(c["name"]) for c in cfg.data.categories}
 
 
-MODELS = {**BACKBONE_MODELS, "faster_rcnn": build_detector}
+MODELS = {**BACKBONE_MODELS, "faster_rcnn": build_detector, "mask_rcnn": build_detector}
 
 
 def build_model(cfg):

@@ -84,7 +84,7 @@ class Preprocessor(nn.Module):
             resized = [self.resize(self.normalize(img)) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in resized]
         if targets is not None:
-            targets = [dict(t, boxes=scale_boxes(t["boxes"], o, s)) for t, o, s in zip(targets, original_sizes, sizes)]
+            targets = [resize_target(t, o, s) for t, o, s in zip(targets, original_sizes, sizes)]
         d = self.size_divisibility
         h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
         w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
@@ -97,6 +97,16 @@ class Preprocessor(nn.Module):
     def postprocess(detections: List[Dict[str, torch.Tensor]], image_sizes, original_sizes):
         """Boxes from the resized image back to the caller's pixels."""
         return [dict(d, boxes=scale_boxes(d["boxes"], s, o)) for d, s, o in zip(detections, image_sizes, original_sizes)]
+
+
+def resize_target(target: Dict[str, torch.Tensor], from_size, to_size) -> Dict[str, torch.Tensor]:
+    """A target's boxes, and instance masks (N, H, W) if it has them (nearest neighbour), at the resized
+    image's size."""
+    target = dict(target, boxes=scale_boxes(target["boxes"], from_size, to_size))
+    masks = target.get("masks")
+    if masks is not None and tuple(masks.shape[-2:]) != tuple(to_size):
+        target["masks"] = F.interpolate(masks[:, None], size=tuple(to_size), mode="nearest")[:, 0]
+    return target
 
 
 def check_images(images):

@@ -29,4 +29,8 @@ class FasterRCNN(nn.Module):
         detections, roi_losses = self.roi_heads(features, proposals, batch.sizes_tensor(), targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        return self.preprocessor.postprocess(detections, batch.image_sizes, original_sizes)
+        return self.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def postprocess(self, detections, image_sizes, original_sizes):
+        """Detections from the resized images back to the caller's pixels."""
+        return self.preprocessor.postprocess(detections, image_sizes, original_sizes)

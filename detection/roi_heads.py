@@ -103,16 +103,29 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RoI heads need targets in training mode")
-            proposals, labels, box_targets = self.sample_proposals(proposals, targets)
+            proposals, labels, box_targets, matched = self.sample_proposals(proposals, targets)
         logits, deltas = self.predictor(self.box_head(self.pooler(features, proposals)))
         if self.training:
-            return [], self.losses(logits, deltas, labels, box_targets)
-        return self.detect(logits, deltas, proposals, image_sizes), {}
+            losses = self.losses(logits, deltas, labels, box_targets)
+            return [], {**losses, **self.branch_losses(features, proposals, labels, matched, targets)}
+        return self.branch_outputs(features, self.detect(logits, deltas, proposals, image_sizes)), {}
+
+    # Hooks for heads that run further branches on the same RoIs (Mask R-CNN's mask branch).
+    def branch_losses(self, features, proposals, labels, matched, targets) -> Dict[str, torch.Tensor]:
+        """Extra losses from the sampled RoIs (`sample_proposals`' outputs)."""
+        return {}
+
+    def branch_outputs(self, features, detections):
+        """Extra outputs for the final detections (boxes in the resized image's pixels)."""
+        return detections
 
     @torch.no_grad()
     def sample_proposals(self, proposals, targets):
         """Match proposals (plus the ground truth itself, so every object has perfect positives) to
-        ground truth and draw `batch_size_per_image` of them at `positive_fraction` foreground."""
+        ground truth and draw `batch_size_per_image` of them at `positive_fraction` foreground.
+
+        Returns the sampled boxes per image, and over all of them in order: class labels (0 background),
+        box regression targets and the index of the matched ground truth within its image."""
         if self.append_gt_boxes:
             proposals = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
         props, prop_valid = pad_boxes(proposals)
@@ -126,7 +139,7 @@ class RoIHeads(nn.Module):
         matched_boxes = torch.gather(gt, 1, matched[..., None].expand(-1, -1, 4))
         box_targets = self.box_coder.encode(matched_boxes, props)
         sampled = [props[i][keep[i]] for i in range(len(proposals))]
-        return sampled, cls[keep], box_targets[keep]
+        return sampled, cls[keep], box_targets[keep], matched[keep]
 
     def losses(self, logits, deltas, labels, box_targets):
         # Summed and divided, not averaged: a batch without any sampled RoI gives 0, not NaN.

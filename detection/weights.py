@@ -24,6 +24,13 @@ TORCHVISION_DETECTION_KEYS = _BODY + [
     ("roi_heads.box_head.fc6.", "roi_heads.box_head.fc1."),
     ("roi_heads.box_head.fc7.", "roi_heads.box_head.fc2."),
     ("roi_heads.box_predictor.", "roi_heads.predictor."),
+    # Mask R-CNN: torchvision's mask_head.{s}.0 (Conv2dNormActivation; .1 its norm) are our fcn{r}/norm{r},
+    # r = s + 1; checkpoints from before that wrapper name them mask_fcn{r}.
+    ("roi_heads.mask_head.{s}.0.", "roi_heads.mask_head.fcn{r}."),
+    ("roi_heads.mask_head.{s}.1.", "roi_heads.mask_head.norm{r}."),
+    ("roi_heads.mask_head.mask_fcn{r}.", "roi_heads.mask_head.fcn{r}."),
+    ("roi_heads.mask_predictor.conv5_mask.", "roi_heads.mask_head.deconv."),
+    ("roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_head.predictor."),
 ]
 
 

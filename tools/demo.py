@@ -1,6 +1,6 @@
 """The end-to-end demo behind `make demo`: the synthetic shapes dataset (train and val from different
-seeds), a Faster R-CNN trained on it from scratch, COCO evaluation on val, drawings of validation
-predictions and the loss curve, and a table of the COCO numbers.
+seeds), a Mask R-CNN trained on it from scratch, COCO box and mask evaluation on val, drawings of
+validation predictions with their masks and the loss curve, and a table of the COCO numbers.
 
     python tools/demo.py --output output/demo
     python tools/demo.py --output output/demo solver.max_iter=200       # a shorter run
@@ -33,7 +33,7 @@ def detection_demo(args):
     data = os.path.join(args.output, "data")
     make_synthetic(data, num_train=args.train_images, num_val=args.val_images, seed=SEED, crops_per_class=0)
     ann = os.path.join(data, "annotations")
-    cfg = load_config(os.path.join(REPO, "configs/demo/frcnn_shapes.yaml"), [
+    cfg = load_config(os.path.join(REPO, "configs/demo/mrcnn_shapes.yaml"), [
         f"data.root={data}", f"data.train.ann_file={ann}/instances_train.json", f"data.train.img_dir={data}/train",
         f"data.val.ann_file={ann}/instances_val.json", f"data.val.img_dir={data}/val",
         f"output_dir={args.output}/det", *args.overrides])
@@ -43,10 +43,11 @@ def detection_demo(args):
     vis = os.path.join(cfg.output_dir, "vis")
     infer_files(load_config(os.path.join(cfg.output_dir, "config.yaml"), ["test.score_thresh=0.5"]), final,
                 [os.path.join(data, "val", f) for f in val_images], vis)
-    metrics = reports["bbox"].metrics
-    print(f"\n{'synthetic shapes, val':<24}" + "".join(f"{k:>8}" for k in metrics))
-    # APl is undefined (NaN) when no validation object is large (over 96x96 pixels).
-    print(f"{'bbox (COCO, %)':<24}" + "".join(f"{v:>8.2f}" if v == v else f"{'-':>8}" for v in metrics.values()))
+    print(f"\n{'synthetic shapes, val':<24}" + "".join(f"{k:>8}" for k in reports["bbox"].metrics))
+    for iou_type, report in reports.items():
+        # APl is undefined (NaN) when no validation object is large (over 96x96 pixels).
+        print(f"{iou_type + ' (COCO, %)':<24}" + "".join(f"{v:>8.2f}" if v == v else f"{'-':>8}"
+                                                        for v in report.metrics.values()))
     print(f"outputs in {cfg.output_dir}: metrics.json, loss_curve.png, vis/*.png, model_final.pth")
 
 

@@ -16,16 +16,17 @@ from tests.conftest import REPO
 CONFIG = REPO / "configs" / "torchvision" / "frcnn_r50_fpn.yaml"
 
 
-def random_torchvision_frcnn(seed=0, score_scale=1.0):
-    """fasterrcnn_resnet50_fpn as torchvision builds it around pretrained weights (FrozenBatchNorm2d,
-    res2 and the stem frozen), with random weights, non-trivial BN statistics, and the classifier scaled
-    by `score_scale` so that the scores spread out instead of saturating at 1."""
+def random_torchvision_frcnn(seed=0, score_scale=1.0, model_class=torchvision.models.detection.FasterRCNN):
+    """fasterrcnn_resnet50_fpn (or, with `model_class` MaskRCNN, maskrcnn_resnet50_fpn) as torchvision
+    builds it around pretrained weights (FrozenBatchNorm2d, res2 and the stem frozen), with random weights,
+    non-trivial BN statistics, and the classifier scaled by `score_scale` so that the scores spread out
+    instead of saturating at 1."""
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
     torch.manual_seed(seed)
     body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
-    model = torchvision.models.detection.FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=91)
+    model = model_class(_resnet_fpn_extractor(body, 3), num_classes=91)
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, FrozenBatchNorm2d):
@@ -50,20 +51,26 @@ def match_fraction(theirs, ours):
     return ((iou > 0.99) & same & close).any(dim=1).float().mean().item()
 
 
-@pytest.mark.slow
-def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path):
-    tv = random_torchvision_frcnn(score_scale=30.0)
+def convert_and_infer(tv, config, images, tmp_path):
+    """torchvision model -> state dict file -> tools/convert_weights.py -> tools/infer.py on `images`:
+    the results.json entries, and the output folder."""
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     conv = subprocess.run([sys.executable, "tools/convert_weights.py", "--from", "torchvision",
                            tmp_path / "tv.pth", tmp_path / "ours.pth"], cwd=REPO, capture_output=True, text=True)
     assert conv.returncode == 0, conv.stderr
-    images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:3]
     out = tmp_path / "infer"
-    result = subprocess.run([sys.executable, "tools/infer.py", CONFIG, "--weights", tmp_path / "ours.pth",
+    result = subprocess.run([sys.executable, "tools/infer.py", config, "--weights", tmp_path / "ours.pth",
                              "--input", *images, "--output", out, "device=cpu"], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    ours = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path):
+    tv = random_torchvision_frcnn(score_scale=30.0)
+    images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:3]
+    ours, out = convert_and_infer(tv, CONFIG, images, tmp_path)
     total = matched = 0
     spread = []
     for path in images:

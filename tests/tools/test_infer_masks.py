@@ -1,6 +1,6 @@
 """Masks in inference outputs and evaluation: RLE results that decode to the thresholded masks, bbox and
 segm AP of a model's detections equal to pycocotools', masks drawn; with a stand-in model that returns
-ground-truth-based detections, and end to end once a Mask R-CNN is registered."""
+ground-truth-based detections, and end to end with a small Mask R-CNN."""
 import json
 import subprocess
 import sys
@@ -136,7 +136,6 @@ def test_infer_files_writes_and_draws_masks(shapes, tmp_path, monkeypatch):
     assert (drawn[inside] != image[inside]).any(axis=-1).mean() > 0.5  # the mask is tinted
 
 
-@pytest.mark.skipif("mask_rcnn" not in detection.build.MODELS, reason="the Mask R-CNN model is not registered yet")
 def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path):
     root, ann = shapes
     cfg = {"_base_": str(REPO / "configs/_base_/models/faster_rcnn_fpn.yaml"),

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,5 +70,7 @@ def test_demo_pipeline_on_a_tiny_run(tmp_path):
     for name in ("metrics.json", "loss_curve.png", "model_final.pth", "config.yaml", "vis/results.json"):
         assert (det / name).is_file(), name
     assert len(list((det / "vis").glob("*.png"))) == 4
-    assert "bbox (COCO, %)" in result.stdout and "demo finished in" in result.stdout
+    assert "bbox (COCO, %)" in result.stdout and "segm (COCO, %)" in result.stdout
+    assert "demo finished in" in result.stdout
+    assert list(json.loads((det / "metrics.json").read_text())) == ["bbox", "segm"]
     assert len(list((tmp_path / "data" / "train").glob("*.png"))) == 16

@@ -1,0 +1,46 @@
+"""Mask R-CNN's RoI heads: Faster R-CNN's box branch plus the mask branch on the same features. In
+training the mask branch sees the sampled positive RoIs (the boxes as proposed, not as regressed); at
+inference it runs on the final detections, and each gets the probabilities of its predicted class."""
+from typing import Dict
+
+import torch
+
+from backbones.base import ShapeSpec
+from detection.poolers import MultiScaleRoIAlign
+from detection.roi_heads import RoIHeads
+
+from .mask_head import MaskHead, mask_loss, mask_targets
+
+
+class MaskRoIHeads(RoIHeads):
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, mask_input_shape: Dict[str, ShapeSpec],
+                 mask_pooler_resolution: int = 14, mask_sampling_ratio: int = 2, mask_num_conv: int = 4,
+                 mask_conv_dim: int = 256, mask_norm: str = "", class_agnostic_masks: bool = False, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        p = self.pooler
+        self.mask_pooler = MultiScaleRoIAlign(mask_input_shape, mask_pooler_resolution, mask_sampling_ratio,
+                                              p.aligned, p.canonical_box_size, p.canonical_level)
+        channels = next(iter(mask_input_shape.values())).channels
+        self.mask_head = MaskHead(channels, self.num_classes, mask_num_conv, mask_conv_dim, mask_norm,
+                                  class_agnostic_masks)
+
+    def branch_losses(self, features, proposals, labels, matched, targets):
+        if any("masks" not in t for t in targets):
+            raise ValueError("Mask R-CNN training needs 'masks' (N, H, W) in every target")
+        counts = [len(p) for p in proposals]
+        positive = labels > 0
+        rois = [p[f] for p, f in zip(proposals, positive.split(counts))]
+        matched = [m[f] for m, f in zip(matched.split(counts), positive.split(counts))]
+        logits = self.mask_head(self.mask_pooler(features, rois))
+        size = logits.shape[-1]
+        targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.pooler.aligned)
+        return {"loss_mask": mask_loss(self.mask_head.select(logits, labels[positive]), targets)}
+
+    def branch_outputs(self, features, detections):
+        """Adds `masks` (N, 1, M, M) probabilities over each detection's box."""
+        logits = self.mask_head(self.mask_pooler(features, [d["boxes"] for d in detections]))
+        labels = torch.cat([d["labels"] for d in detections])
+        probs = self.mask_head.select(logits, labels).sigmoid()[:, None]
+        for d, p in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
+            d["masks"] = p
+        return detections

@@ -1,0 +1,45 @@
+"""Exactness proof for masks: torchvision's Mask R-CNN weights, converted, give torchvision's detections
+and masks through our model and tools/infer.py (issue criteria: >= 98% of torchvision's detections
+matched as for Faster R-CNN, and the matched binary masks with mean IoU >= 0.98)."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou
+
+from engine.data.decode import read_image
+from tests.conftest import REPO
+from tests.parity.test_torchvision_frcnn import convert_and_infer, random_torchvision_frcnn
+
+CONFIG = REPO / "configs" / "torchvision" / "mrcnn_r50_fpn.yaml"
+
+
+@pytest.mark.slow
+def test_infer_tool_reproduces_torchvision_masks(shared_data, tmp_path):
+    tv = random_torchvision_frcnn(score_scale=30.0, model_class=torchvision.models.detection.MaskRCNN)
+    images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:2]
+    ours, _ = convert_and_infer(tv, CONFIG, images, tmp_path)
+    total = matched = 0
+    ious = []
+    for path in images:
+        with torch.no_grad():
+            theirs = tv([torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255])[0]
+        mine = [r for r in ours if r["file_name"] == path.name]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
+        labels = torch.tensor([r["category_id"] for r in mine], dtype=torch.long)
+        scores = torch.tensor([r["score"] for r in mine])
+        assert len(theirs["boxes"]) > 0 and len(mine) > 0
+        good = ((box_iou(theirs["boxes"], boxes) > 0.99) & (theirs["labels"][:, None] == labels[None])
+                & ((theirs["scores"][:, None] - scores[None]).abs() < 1e-3))
+        total += len(good)
+        matched += int(good.any(dim=1).sum())
+        their_masks = (theirs["masks"][:, 0] >= 0.5).numpy()
+        for i, j in torch.nonzero(good).tolist():
+            a, b = their_masks[i], mask_utils.decode(mine[j]["segmentation"]).astype(bool)
+            union = (a | b).sum()
+            ious.append((a & b).sum() / union if union else 1.0)
+        nonempty = their_masks.reshape(len(their_masks), -1).any(axis=1).mean()
+        assert nonempty > 0.5, "most masks must be non-empty for the comparison to mean something"
+    assert matched / total >= 0.98, f"{matched}/{total} torchvision detections matched"
+    assert np.mean(ious) >= 0.98, f"mean mask IoU {np.mean(ious):.4f} over {len(ious)} matched detections"
