@@ -10,7 +10,8 @@ from .build import build_detector, load_detector_weights
 
 class Predictor:
     """`Predictor(config_path, weights=path)(image)` with an HxWx3 uint8 RGB array returns that image's
-    dict of `boxes` (xyxy in the image's pixels), `scores` and `labels`, as CPU tensors."""
+    dict of `boxes` (xyxy in the image's pixels), `scores` and `labels` (and for Mask R-CNN `masks`,
+    (N, 1, H, W) probabilities), as CPU tensors."""
 
     def __init__(self, config, weights=None, overrides=(), device=None):
         self.cfg = as_config(config, overrides)

@@ -30,7 +30,7 @@ def detection_step(model, batch):
     images, targets = batch
     device = next(model.parameters()).device
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels")}
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels", "masks")}
                for t in targets]
     return model(images, targets)
 

@@ -14,7 +14,8 @@ with fewer than 3 points, an odd number of coordinates or a NaN/inf coordinate i
 with no usable polygon left is dropped entirely, box included (as torchvision and Detectron2 expect:
 a box target without its mask would teach the mask head an empty object). Coordinates outside the image
 are clipped by the rasterisation; self-intersecting polygons are filled as pycocotools fills them. An RLE
-whose size is not the image's is a DatasetError naming the annotation.
+whose size is not the image's is left out and counted (`rle_wrong_size`), its object with it; for a crowd
+region, which COCO evaluation reads, it is a DatasetError naming the annotation.
 """
 import contextlib
 import io
@@ -43,8 +44,9 @@ REQUIRED_KEYS = {"images": ("image", ("id", "file_name", "height", "width")),
 # the image, category not among `categories`.
 # With masks also: no usable polygon (or no segmentation at all).
 ANNOTATION_DROPS = ("crowd", "degenerate", "non_finite", "outside_image", "other_category", "no_valid_mask")
-# Single polygons left out of an object's mask (with_masks); the object stays while one polygon is left.
-POLYGON_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_finite")
+# Single polygons (or an RLE) left out of an object's mask (with_masks); the object stays while one
+# polygon is left.
+SEGMENTATION_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_finite", "rle_wrong_size")
 # Narrower than this after clipping, a box is a line, not an object (the model's regression targets
 # would divide by its width).
 MIN_BOX_SIDE = 1e-2
@@ -130,23 +132,29 @@ def clip_box(bbox, width, height):
     return (x0, y0, x1, y1), None
 
 
-def _check_rle(seg: dict, img: dict, path: str, ann_id) -> dict:
+def _check_rle(seg: dict, img: dict, path: str, ann_id, crowd: bool = False) -> bool:
+    """Whether a well-formed RLE has its image's size. Malformed RLE is a DatasetError, and so is a crowd
+    region of the wrong size, which COCO evaluation of this file could not read."""
     counts = seg.get("counts")
     if not ("size" in seg and (isinstance(counts, str) or (isinstance(counts, list) and all(
             isinstance(c, int) and not isinstance(c, bool) for c in counts)))):
         raise DatasetError(f"{path}: annotation {ann_id} has an RLE segmentation without 'size' or with 'counts' "
                            "neither a str (compressed) nor a list of ints (uncompressed)")
-    if seg["size"] != [img["height"], img["width"]]:
-        raise DatasetError(f"{path}: annotation {ann_id} has an RLE of size {seg['size']} (height, width), but image "
-                           f"{img['id']} is {[img['height'], img['width']]}; the mask must cover its image exactly")
-    return seg
+    if seg["size"] == [img["height"], img["width"]]:
+        return True
+    if crowd:
+        raise DatasetError(f"{path}: crowd annotation {ann_id} has an RLE of size {seg['size']} (height, width), "
+                           f"but image {img['id']} is {[img['height'], img['width']]}; COCO evaluation needs the "
+                           "region to cover its image exactly")
+    return False
 
 
 def check_segmentation(seg, img: dict, path: str, ann_id):
-    """(what `rasterize` takes, or None when no usable polygon is left; the POLYGON_DROPS reason of each
-    polygon left out). A malformed entry (not polygons or RLE, or an RLE of another size) is a DatasetError."""
+    """(what `rasterize` takes, or None when no usable polygon is left; the SEGMENTATION_DROPS reason of
+    each polygon or RLE left out). A malformed entry (not polygons or RLE) is a DatasetError; an RLE of
+    another size than its image is left out (`rle_wrong_size`)."""
     if isinstance(seg, dict):
-        return _check_rle(seg, img, path, ann_id), []
+        return (seg, []) if _check_rle(seg, img, path, ann_id) else (None, ["rle_wrong_size"])
     if not isinstance(seg, list):
         raise DatasetError(f"{path}: annotation {ann_id} has segmentation {str(seg)[:80]}; expected polygons "
                            "[[x0, y0, x1, y1, ...], ...] or RLE {'size': [height, width], 'counts': ...}")
@@ -245,7 +253,7 @@ class CocoDetection(Dataset):
             self.category_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
         self.stats = {"images": len(data["images"]), "annotations": len(data["annotations"]),
-                      **{k: 0 for k in ANNOTATION_DROPS}, **{k: 0 for k in POLYGON_DROPS},
+                      **{k: 0 for k in ANNOTATION_DROPS}, **{k: 0 for k in SEGMENTATION_DROPS},
                       "images_without_boxes": 0, "images_skipped": 0}
         self.records = [self._record(img) for img in sorted(data["images"], key=lambda i: i["id"])]
         if train and filter_empty:
@@ -261,9 +269,9 @@ class CocoDetection(Dataset):
     def _stats_text(self) -> str:
         s = self.stats
         dropped = ", ".join(f"{k} {s[k]}" for k in ANNOTATION_DROPS if s[k]) or "none"
-        polygons = ", ".join(f"{k} {s[k]}" for k in POLYGON_DROPS if s[k])
+        segmentations = ", ".join(f"{k} {s[k]}" for k in SEGMENTATION_DROPS if s[k])
         return (f"{s['images']} images and {s['annotations']} annotations in the file; annotations left out: "
-                f"{dropped}; {'polygons left out: ' + polygons + '; ' if polygons else ''}images without usable "
+                f"{dropped}; {'segmentations left out: ' + segmentations + '; ' if segmentations else ''}images without usable "
                 f"boxes: {s['images_without_boxes']}, skipped: {s['images_skipped']}")
 
     def _record(self, img: dict) -> dict:
@@ -272,7 +280,7 @@ class CocoDetection(Dataset):
             if ann.get("iscrowd", 0):
                 self.stats["crowd"] += 1
                 if self.with_masks and isinstance(ann.get("segmentation"), dict):
-                    _check_rle(ann["segmentation"], img, self.ann_file, ann["id"])  # COCO evaluation reads it
+                    _check_rle(ann["segmentation"], img, self.ann_file, ann["id"], crowd=True)
                 continue
             if ann["category_id"] not in self.category_id_to_label:
                 self.stats["other_category"] += 1

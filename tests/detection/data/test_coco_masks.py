@@ -169,10 +169,21 @@ def test_training_image_left_without_masks_is_skipped(tmp_path):
     assert len(ds) == 1 and ds.records[0]["image_id"] == 2 and ds.stats["images_skipped"] == 1
 
 
+def test_rle_of_another_size_is_dropped_with_its_box_and_counted(tmp_path, caplog):
+    good = {"size": [H, W], "counts": mask_utils.encode(np.asfortranarray(np.ones((H, W), np.uint8)))["counts"].decode()}
+    anns = [{"id": 17, "segmentation": {"size": [W, H], "counts": "abc"}}, {"id": 18, "segmentation": good}]
+    with caplog.at_level(logging.INFO, logger="detection.data"):
+        ds = CocoDetection(_write(tmp_path, anns), str(tmp_path / "img"), train=False, with_masks=True)
+    assert ds.stats["rle_wrong_size"] == 1 and ds.stats["no_valid_mask"] == 1
+    assert [a["id"] for a in ds.annotations(0)] == [18]
+    _, target = ds[0]
+    assert target["masks"].shape == (1, H, W) and target["masks"].all()
+    assert "rle_wrong_size 1" in caplog.text
+
+
 @pytest.mark.parametrize("ann, message", [
-    ({"id": 17, "segmentation": {"size": [W, H], "counts": "abc"}}, "annotation 17 has an RLE of size [60, 40]"),
     ({"id": 18, "iscrowd": 1, "segmentation": {"size": [H, W + 1], "counts": [5, 3]}},
-     "annotation 18 has an RLE of size [40, 61]"),
+     "crowd annotation 18 has an RLE of size [40, 61]"),
     ({"id": 19, "segmentation": {"size": [H, W], "counts": 5}}, "annotation 19 has an RLE segmentation without"),
     ({"id": 20, "segmentation": "polygon"}, "annotation 20 has segmentation polygon; expected polygons"),
     ({"id": 21, "segmentation": [[1, 2, "3", 4, 5, 6]]}, "annotation 21 has polygon"),
