@@ -3,7 +3,7 @@ and each `model.fpn.*` key the FPN argument of the same name.
 """
 import logging
 
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError
 
 from .fpn import FPN
 from .resnet import ResNet
@@ -25,9 +25,12 @@ def load_backbone_weights(resnet: ResNet, path: str):
     state = read_weights(path)
     if "conv1.weight" in state and "stem.conv1.weight" not in state:
         state = from_torchvision_resnet(state)
-    report = load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
-    logger.info("backbone weights %s: %s", path, report.summary())
-    return report
+    if not any(k in state for k in resnet.state_dict()):
+        kind = ("a detector checkpoint (it goes in model.weights)" if any(k.startswith("backbone.") for k in state)
+                else f"not a ResNet of this kind (keys start with {sorted(state)[:3]})")
+        raise CheckpointError(f"model.backbone.weights={path} has no tensor this ResNet uses: it is {kind}")
+    # Logs what was loaded, and names what was not (a classifier's fc.*, tensors left at initialisation).
+    return load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
 
 
 def build_resnet(cfg, num_classes, out_features=None) -> ResNet:

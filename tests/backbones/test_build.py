@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,4 +71,28 @@ def test_unknown_option_value_from_config():
 def test_dilated_backbone_cannot_feed_fpn():
     cfg = load_config(CONFIGS / "backbones" / "r50_fpn.yaml", ["model.backbone.dilation=[false,false,true]"])
     with pytest.raises(ConfigError, match="strides double"):
+        build_model(cfg)
+
+
+def test_backbone_weights_report_what_was_not_loaded_and_refuse_a_detector(tmp_path, caplog):
+    """The hand-over from classification: a classifier's weights (ours, with fc) load into the detection
+    backbone; the log counts the tensors loaded and names the classifier's, which are not."""
+    from backbones.weights import save_weights
+
+    classifier = randomize_norms(build_model(Config.from_dict({"model": {"name": "classifier", "num_classes": 3,
+                                                                           "backbone": {"depth": 18}}})))
+    save_weights(str(tmp_path / "backbone.pth"), classifier.state_dict())
+    cfg = Config.from_dict({"model": {"name": "resnet_fpn", "backbone": {
+        "depth": 18, "norm": "BN", "freeze_at": 1, "weights": str(tmp_path / "backbone.pth")}}})
+    with caplog.at_level(logging.INFO):
+        model = build_model(cfg)
+    assert torch.equal(model.bottom_up.res5[1].conv2.weight, classifier.res5[1].conv2.weight)
+    assert torch.equal(model.bottom_up.stem.norm1.running_mean, classifier.stem.norm1.running_mean)
+    assert "loaded 119 tensors" in caplog.text  # 20 convs, 20 norms x 4, 19 BN step counters (the stem is frozen) and "2 unexpected (ignored): fc.weight, fc.bias" in caplog.text
+    assert not any(p.requires_grad for p in model.bottom_up.stem.parameters())  # freeze_at still applies
+    detector = {"backbone.bottom_up." + k: v for k, v in classifier.state_dict().items()}
+    save_weights(str(tmp_path / "det.pth"), detector)
+    cfg = Config.from_dict({"model": {"name": "resnet_fpn", "backbone": {"depth": 18,
+                                                                          "weights": str(tmp_path / "det.pth")}}})
+    with pytest.raises(CheckpointError, match="a detector checkpoint"):
         build_model(cfg)
