@@ -14,11 +14,11 @@ from tqdm import tqdm
 from engine.config import save_config
 from engine.data.decode import read_image
 from engine.data.imagefolder import IMAGE_EXTENSIONS
+from engine.data.paths import require_path
 from engine.device import resolve_device
 from engine.errors import DatasetError
 
 from .data.build import wants_masks
-from .data.coco import require_path
 from .build import build_detector, category_ids, category_names, load_detector_weights
 from .visualize import draw_detections
 

@@ -9,21 +9,20 @@ import os
 
 from engine.checkpoint import Checkpointer
 from engine.config import save_config
+from engine.data.paths import require_path
 from engine.device import resolve_device
 from engine.errors import ConfigError
 from engine.events import MetricsWriter, plot_losses, setup_logging
 from engine.seeding import seed_everything
 from engine.solver import build_optimizer, check_steps
-from engine.trainer import Trainer, flat_metrics
+from engine.trainer import FINAL, Trainer, flat_metrics, weights_to_evaluate
 
 from .build import build_detector, load_detector_weights
 from .data.build import build_detection_train_loader
-from .data.coco import require_path
 from .inference import evaluate_detector
 
 logger = logging.getLogger("detection")
 
-FINAL = "model_final.pth"
 
 
 def detection_step(model, batch):
@@ -77,8 +76,7 @@ def train_detector(cfg, resume: bool = False):
     writer = MetricsWriter(out, resume_from=start_iter if resume else None)
     trainer = Trainer(cfg, model, optimizer, iter(loader), detection_step, checkpointer, writer, device,
                       s.max_iter, evaluate=lambda m: _metrics(evaluate_detector(cfg, m, device)))
-    if "scaler" in state:
-        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.restore(state)
     try:
         if start_iter < s.max_iter:
             trainer.train(start_iter)
@@ -102,14 +100,8 @@ def evaluate_only(cfg, weights=None):
     save_config(cfg, cfg.output_dir)
     device = resolve_device(cfg.device)
     model = build_detector(cfg).to(device)
-    path = weights or cfg.model.weights  # build_detector has loaded model.weights already
-    if path is None:
-        final = os.path.join(cfg.output_dir, FINAL)
-        path = final if os.path.isfile(final) else Checkpointer(cfg.output_dir).last()
-        if path is None:
-            raise ConfigError(f"--eval-only needs weights: set model.weights=PATH, or train first so that "
-                              f"{cfg.output_dir} holds {FINAL} or a checkpoint")
-    if path != cfg.model.weights:
+    path = weights_to_evaluate(cfg, weights)
+    if path != cfg.model.weights:  # build_detector has loaded model.weights already
         load_detector_weights(model, path)
     logger.info("evaluating %s", path)
     return evaluate_detector(cfg, model, device)

@@ -1,57 +1,102 @@
 """ImageNet-style classification training: the first half of the pretrain-then-transfer workflow.
 
-`train_classifier(cfg)` trains a ResNet on an ImageFolder layout and writes to `cfg.output_dir`:
-config.yaml, log.txt, metrics.jsonl (one line per logged iteration and one per epoch's evaluation),
-metrics.json (top-1/top-5 in percent on the validation set), model_final.pth, backbone.pth (the
-ResNet without its classifier, loadable as `model.backbone.weights` of a detection config) and
-accuracy_curve.png. In classification configs `solver.steps` are epochs.
+`train_classifier(cfg, resume=False)` trains a ResNet on an ImageFolder layout with the shared
+`engine.trainer.Trainer` and writes to `cfg.output_dir`: config.yaml, log.txt, metrics.jsonl (logged
+iterations and every epoch's evaluation), tensorboard/, model_{iter}.pth checkpoints with a
+`last_checkpoint` pointer, model_final.pth, backbone.pth, metrics.json (top-1/top-5 in percent on
+data.val) and accuracy_curve.png.
+
+backbone.pth is the trained network (the EMA weights when `solver.ema`) with its classifier `fc.*`, like an
+ImageNet checkpoint: a detection config's `model.backbone.weights`, or torchvision's names with
+`tools/convert_weights.py --to torchvision`. In classification configs `solver.steps` are epochs, and the
+model is evaluated at the end of every epoch.
 """
 import json
 import logging
 import os
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from backbones.build import build_classifier
-from backbones.weights import save_weights
+from backbones.build import build_classifier, build_resnet
+from backbones.weights import load_state_dict, read_weights, save_weights
+from engine.checkpoint import Checkpointer, safe_torch_load
 from engine.config import save_config
-from engine.data.imagefolder import ImageFolder, build_cls_transform
+from engine.data.imagefolder import ImageFolder, build_cls_transform, class_folders
+from engine.data.paths import require_path
+from engine.data.samplers import EpochBatchSampler
 from engine.device import resolve_device
-from engine.errors import ConfigError
-from engine.events import setup_logging
-from engine.solver import build_optimizer, check_steps, lr_at
-from engine.seeding import seed_everything, seed_transforms, seed_worker
+from engine.ema import ModelEMA
+from engine.errors import CheckpointError, ConfigError
+from engine.events import MetricsWriter, setup_logging
+from engine.seeding import seed_everything, seed_worker
+from engine.solver import build_optimizer, check_steps
+from engine.trainer import FINAL, Trainer, weights_to_evaluate
 
 logger = logging.getLogger("engine")
 
+BACKBONE = "backbone.pth"
 
-def build_cls_data(cfg):
-    d = cfg.data
-    if not d.train.root or not d.val.root:
-        raise ConfigError("classification needs data.train.root and data.val.root (ImageFolder layouts)")
+
+def check_cls_config(cfg):
+    """The settings a run needs, checked before anything is built: fail in seconds, not after an epoch."""
+    require_path(cfg.data.train.root, "data.train.root", "training ImageFolder (root/<class>/<image>)", folder=True)
+    require_path(cfg.data.val.root, "data.val.root", "validation ImageFolder (root/<class>/<image>)", folder=True)
     scale = cfg.input.crop_scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"input.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
-    train = ImageFolder(d.train.root, build_cls_transform(True, cfg.input.size, scale=cfg.input.crop_scale))
-    val = ImageFolder(d.val.root, build_cls_transform(False, cfg.input.size), class_names=train.classes)
-    if cfg.model.num_classes != len(train.classes):
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {d.train.root} has "
-                          f"{len(train.classes)} class folders; set model.num_classes={len(train.classes)}")
-    seed_transforms(train, cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader_args = dict(num_workers=d.num_workers, worker_init_fn=seed_worker,
-                       persistent_workers=d.num_workers > 0)
-    train_loader = DataLoader(train, batch_size=cfg.solver.ims_per_batch, shuffle=True, drop_last=True,
-                              generator=g, **loader_args)
-    val_loader = DataLoader(val, batch_size=cfg.solver.ims_per_batch, shuffle=False, **loader_args)
-    if len(train_loader) == 0:
-        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is larger than the "
-                          f"{len(train)} training images in {d.train.root}")
-    return train_loader, val_loader
+    check_steps(cfg.solver, cfg.solver.epochs, "epochs")
+
+
+def check_num_classes(cfg, classes, root):
+    if cfg.model.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {root} has {len(classes)} class "
+                          f"folders; set model.num_classes={len(classes)}")
+
+
+def cls_transform(cfg, train: bool):
+    """Training: RandomResizedCrop of `input.size` (area `input.crop_scale`) + horizontal flip; evaluation:
+    shorter side to 256/224 x `input.size`, centre crop of `input.size`."""
+    if train:
+        return build_cls_transform(True, cfg.input.size, scale=cfg.input.crop_scale)
+    return build_cls_transform(False, cfg.input.size)
+
+
+def build_cls_datasets(cfg):
+    """(train, val) ImageFolders; val is labelled in train's class order and must hold the same classes."""
+    d = cfg.data
+    train = ImageFolder(d.train.root, cls_transform(cfg, True), skip_bad_images=d.skip_bad_images)
+    check_num_classes(cfg, train.classes, d.train.root)
+    val = ImageFolder(d.val.root, cls_transform(cfg, False), class_names=train.classes,
+                      skip_bad_images=d.skip_bad_images)
+    return train, val
+
+
+def build_cls_train_loader(cfg, dataset, start_iter: int = 0) -> DataLoader:
+    """Endless batches `(images, labels)` of `solver.ims_per_batch` images, epoch after epoch (see
+    engine/data/samplers.py); `start_iter` skips the batches a resumed run has trained on."""
+    batches = EpochBatchSampler(len(dataset), cfg.solver.ims_per_batch, cfg.seed, start_batch=start_iter)
+    return _loader(cfg, dataset, batch_sampler=batches)
+
+
+def build_cls_test_loader(cfg, dataset) -> DataLoader:
+    """Every image once, in order, in batches of `solver.ims_per_batch`."""
+    return _loader(cfg, dataset, batch_size=cfg.solver.ims_per_batch, shuffle=False)
+
+
+def _loader(cfg, dataset, **batching) -> DataLoader:
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=seed_worker, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.seed), **batching)
+
+
+def classification_step(model, batch, label_smoothing: float = 0.0):
+    images, labels = batch
+    device = next(model.parameters()).device
+    logits = model(images.to(device, non_blocking=True))
+    return {"loss_cls": F.cross_entropy(logits, labels.to(device, non_blocking=True), label_smoothing=label_smoothing)}
 
 
 @torch.no_grad()
@@ -68,82 +113,125 @@ def evaluate_classifier(model, loader, device) -> dict:
         correct += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
         total += len(labels)
     top1, top5 = (100.0 * correct / max(total, 1)).tolist()
+    logger.info("validation (%d images): top-1 %.2f%%, top-5 %.2f%%", total, top1, top5)
     return {"top1": top1, "top5": top5}
 
 
-def plot_curves(history, path):
+def plot_curves(history, iters_per_epoch: int, path: str):
+    """Training loss and validation top-1/top-5 over epochs, side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    its = [h["iter"] for h in history if "loss" in h]
-    ax_loss.plot(its, [h["loss"] for h in history if "loss" in h])
-    ax_loss.set(xlabel="iteration", ylabel="training loss", title="loss")
+    train = [h for h in history if "loss" in h]
+    ax_loss.plot([(h["iter"] + 1) / iters_per_epoch for h in train], [h["loss"] for h in train])
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     evals = [h for h in history if "top1" in h]
-    ax_acc.plot([h["epoch"] for h in evals], [h["top1"] for h in evals], "o-", label="top-1")
-    ax_acc.plot([h["epoch"] for h in evals], [h["top5"] for h in evals], "s--", label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="accuracy", ylim=(0, 100))
+    epochs = [h["iter"] / iters_per_epoch for h in evals]
+    ax_acc.plot(epochs, [h["top1"] for h in evals], "o-", label="top-1")
+    ax_acc.plot(epochs, [h["top5"] for h in evals], "s--", label="top-5")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="accuracy", ylim=(0, 102))
     ax_acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def train_classifier(cfg) -> dict:
-    out = cfg.output_dir
+def _write_metrics(cfg, metrics):
+    with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def save_backbone(cfg, model, classes, metrics):
+    """The trained network in our key names, classifier included, as an ImageNet checkpoint is."""
+    b = cfg.model.backbone
+    meta = {"kind": "backbone", "depth": b.depth, "groups": b.groups, "width_per_group": b.width_per_group,
+            "num_classes": cfg.model.num_classes, "classes": list(classes), "ema": cfg.solver.ema, **metrics}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_weights(os.path.join(cfg.output_dir, BACKBONE), state, meta)
+
+
+def train_classifier(cfg, resume: bool = False) -> dict:
+    """Train, evaluating on data.val every epoch. Returns the final {"top1", "top5"} (percent)."""
+    out, s = cfg.output_dir, cfg.solver
+    check_cls_config(cfg)
     setup_logging(out)
-    save_config(cfg, out)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    train_loader, val_loader = build_cls_data(cfg)
-    model = build_classifier(cfg).to(device)
-    s = cfg.solver
-    optimizer = build_optimizer(cfg, model)
-    iters_per_epoch = len(train_loader)
+    train_set, val_set = build_cls_datasets(cfg)
+    iters_per_epoch = len(train_set) // s.ims_per_batch
+    if iters_per_epoch == 0:
+        raise ConfigError(f"solver.ims_per_batch={s.ims_per_batch} is larger than the {len(train_set)} "
+                          f"training images in {cfg.data.train.root}")
     max_iter = s.epochs * iters_per_epoch
-    check_steps(s, s.epochs, "epochs")
-    logger.info("training %s on %d images (%d classes), %d epochs x %d iterations, device %s",
-                type(model).__name__, len(train_loader.dataset), cfg.model.num_classes, s.epochs,
-                iters_per_epoch, device)
-    history = []
-    it = 0
-    with open(os.path.join(out, "metrics.jsonl"), "w") as log, \
-            tqdm(total=max_iter, desc="train", dynamic_ncols=True, disable=None) as bar:
-        for epoch in range(s.epochs):
-            model.train()
-            t_data = time.perf_counter()
-            for images, labels in train_loader:
-                t_start = time.perf_counter()
-                lr = lr_at(cfg.solver, it, max_iter, [step * iters_per_epoch for step in s.steps])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at iteration {it}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                now = time.perf_counter()
-                record = {"iter": it, "epoch": epoch, "lr": lr, "loss": loss.item(),
-                          "data_time": t_start - t_data, "time": now - t_data}
-                history.append(record)
-                log.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.4f}")
-                bar.update()
-                it += 1
-                t_data = time.perf_counter()
-            metrics = evaluate_classifier(model, val_loader, device)
-            record = {"iter": it, "epoch": epoch + 1, **metrics}
-            history.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            logger.info("epoch %d: top-1 %.2f%%, top-5 %.2f%%", epoch + 1, metrics["top1"], metrics["top5"])
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_weights(os.path.join(out, "model_final.pth"), state, {"kind": "classifier"})
-    save_weights(os.path.join(out, "backbone.pth"),
-                 {k: v for k, v in state.items() if not k.startswith("fc.")}, {"kind": "backbone"})
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    plot_curves(history, os.path.join(out, "accuracy_curve.png"))
+    save_config(cfg, out)
+    model = build_classifier(cfg).to(device)
+    optimizer = build_optimizer(cfg, model)
+    checkpointer = Checkpointer(out)
+    state = {}
+    if resume:
+        state = checkpointer.resume(model, optimizer)
+        logger.info("resumed from %s at iteration %d", state["path"], state["iteration"])
+    start_iter = state.get("iteration", 0)
+    ema = ModelEMA(model, s.ema_decay) if s.ema else None
+    evaluated = ema.module if ema is not None else model  # what is evaluated and exported
+    val_loader = build_cls_test_loader(cfg, val_set)
+    writer = MetricsWriter(out, resume_from=start_iter if resume else None)
+    trainer = Trainer(cfg, model, optimizer, iter(build_cls_train_loader(cfg, train_set, start_iter)),
+                      partial(classification_step, label_smoothing=s.label_smoothing), checkpointer, writer,
+                      device, max_iter, steps=[epoch * iters_per_epoch for epoch in s.steps],
+                      evaluate=lambda m: evaluate_classifier(evaluated, val_loader, device),
+                      eval_period=iters_per_epoch, ema=ema)
+    trainer.restore(state)
+    logger.info("training %s-%d on %d images (%d classes): %d epochs x %d iterations of %d images, device %s%s",
+                type(model).__name__, cfg.model.backbone.depth, len(train_set), len(train_set.classes), s.epochs,
+                iters_per_epoch, s.ims_per_batch, device, ", EMA of the weights" if ema is not None else "")
+    try:
+        if start_iter < max_iter:
+            trainer.train(start_iter)
+            trainer.save(FINAL, max_iter)
+        metrics = evaluate_classifier(evaluated, val_loader, device)
+        writer.write({"iter": max_iter, **metrics}, prefix="val")
+    finally:
+        writer.close()
+        plot_curves(writer.history, iters_per_epoch, os.path.join(out, "accuracy_curve.png"))
+    save_backbone(cfg, evaluated, train_set.classes, metrics)
+    _write_metrics(cfg, metrics)
+    return metrics
+
+
+def read_eval_weights(path: str, use_ema: bool):
+    """The state dict to evaluate from `path`: a checkpoint's EMA weights when `use_ema` and it has them,
+    else its model weights (a checkpoint, backbone.pth or a bare state dict)."""
+    if use_ema:
+        obj = safe_torch_load(path, "weights file")
+        if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+            return obj["ema"]
+    return read_weights(path)
+
+
+def evaluate_only(cfg, weights=None) -> dict:
+    """`tools/train_cls.py --eval-only`: evaluate `weights`, else model.weights, else the run's final or
+    last checkpoint, on data.val; writes metrics.json."""
+    require_path(cfg.data.val.root, "data.val.root", "validation ImageFolder (root/<class>/<image>)", folder=True)
+    setup_logging(cfg.output_dir)
+    save_config(cfg, cfg.output_dir)
+    device = resolve_device(cfg.device)
+    path = weights_to_evaluate(cfg, weights)
+    # Labels follow the training set's class order; without the training set at hand, val's own sorted
+    # folders are the same order whenever the two hold the same classes.
+    train_root = cfg.data.train.root
+    classes = class_folders(train_root) if train_root and os.path.isdir(train_root) else None
+    val_set = ImageFolder(cfg.data.val.root, cls_transform(cfg, False), class_names=classes,
+                          skip_bad_images=cfg.data.skip_bad_images)
+    check_num_classes(cfg, val_set.classes, cfg.data.val.root)
+    model = build_resnet(cfg, cfg.model.num_classes).to(device)
+    report = load_state_dict(model, read_eval_weights(path, cfg.solver.ema), source=path)
+    if report.missing:
+        raise CheckpointError(f"{path} lacks {len(report.missing)} of the model's tensors "
+                              f"({', '.join(report.missing[:5])}, ...); is it a checkpoint of this config's model?")
+    logger.info("evaluating %s", path)
+    metrics = evaluate_classifier(model, build_cls_test_loader(cfg, val_set), device)
+    _write_metrics(cfg, metrics)
     return metrics

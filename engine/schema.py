@@ -174,6 +174,12 @@ SCHEMA: dict = {
         "checkpoint_period": Opt(int, 5000, help="save a checkpoint every this many iterations"),
         "amp": Opt(bool, False, help="mixed-precision training (autocast with gradient scaling for float16)"),
         "amp_dtype": Opt(str, "float16", choices=("float16", "bfloat16"), help="autocast dtype when solver.amp"),
+        "reference_batch_size": Opt(int, 0, help="> 0: base_lr is for this many images and the lr used is "
+                                    "base_lr * ims_per_batch / reference_batch_size (linear scaling); 0: base_lr as is"),
+        "label_smoothing": Opt(float, 0.0, help="classification: label smoothing of the cross-entropy (0: none)"),
+        "ema": Opt(bool, False, help="classification: keep an exponential moving average of the weights, "
+                   "evaluated and exported as backbone.pth"),
+        "ema_decay": Opt(float, 0.9999, help="solver.ema: weight of the old average at each step"),
     },
     "test": {
         "eval_period": Opt(int, 0, help="evaluate every this many iterations; 0: only at the end"),

@@ -1,11 +1,13 @@
-"""The iteration-based training loop shared by the trainers: learning-rate schedule, mixed precision,
-gradient clipping, NaN guard, logging, periodic checkpoints and evaluation.
+"""The iteration-based training loop shared by the trainers: learning-rate schedule (with the linear
+scaling rule), mixed precision, gradient clipping, NaN guard, an optional EMA of the weights, logging,
+periodic checkpoints and evaluation.
 
 What is trained is given as `step_fn(model, batch) -> {name: loss tensor}`; the total loss is their sum
 (Detectron2's convention), so a detector and a classifier go through the same loop.
 """
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterator, Optional
@@ -14,11 +16,13 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint import Checkpointer
-from engine.errors import TrainingError
+from engine.errors import ConfigError, TrainingError
 from engine.events import MetricsWriter
 from engine.solver import lr_at
 
 logger = logging.getLogger("engine")
+
+FINAL = "model_final.pth"
 
 
 def amp_context(device: torch.device, enabled: bool, dtype: str):
@@ -41,34 +45,57 @@ def flat_metrics(metrics: Dict) -> Dict[str, float]:
 class Trainer:
     """Runs `solver.max_iter` iterations of `step_fn` over `data` (an endless iterator of batches).
 
-    evaluate: `evaluate(model) -> metrics dict`, called every `test.eval_period` iterations (0: never
-        during training; the caller runs the final evaluation).
+    evaluate: `evaluate(model) -> metrics dict`, called every `eval_period` iterations (default
+        `test.eval_period`; 0: never during training; the caller runs the final evaluation).
+    steps: the step schedule's iterations (default `solver.steps`).
+    ema: an `engine.ema.ModelEMA` of `model`, updated after every step and saved in the checkpoints.
     """
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Iterator,
                  step_fn: Callable, checkpointer: Checkpointer, writer: MetricsWriter, device: torch.device,
-                 max_iter: int, steps=None, evaluate: Optional[Callable] = None):
+                 max_iter: int, steps=None, evaluate: Optional[Callable] = None, eval_period: Optional[int] = None,
+                 ema=None):
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
         self.step_fn, self.checkpointer, self.writer, self.device = step_fn, checkpointer, writer, device
-        self.max_iter, self.steps, self.evaluate = max_iter, steps, evaluate
+        self.max_iter, self.steps, self.evaluate, self.ema = max_iter, steps, evaluate, ema
+        self.eval_period = eval_period
         s = cfg.solver
         # Gradient scaling guards float16's narrow range; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp and s.amp_dtype == "float16")
+        self.lr_scale = linear_lr_scale(s)
         self.last_checkpoint: Optional[str] = None
 
     def save(self, name: str, iteration: int) -> str:
-        self.last_checkpoint = self.checkpointer.save(name, self.model, iteration, self.optimizer, self.scaler)
+        extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        self.last_checkpoint = self.checkpointer.save(name, self.model, iteration, self.optimizer, self.scaler,
+                                                      **extra)
         return self.last_checkpoint
 
+    def restore(self, state: Dict):
+        """After `Checkpointer.resume` (model, optimizer, RNG states): the AMP scaler and the EMA weights
+        from the same checkpoint `state` (nothing when it is empty: a fresh run)."""
+        if not state:
+            return
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                logger.warning("%s holds no EMA weights (solver.ema was off); the average starts from the "
+                               "resumed weights", state.get("path", "the checkpoint"))
+                self.ema.load_state_dict(self.model.state_dict())
+
     def train(self, start_iter: int = 0):
-        s, period = self.cfg.solver, self.cfg.test.eval_period
+        s = self.cfg.solver
+        period = self.cfg.test.eval_period if self.eval_period is None else self.eval_period
         self.model.train()
         with tqdm(total=self.max_iter, initial=start_iter, desc="train", dynamic_ncols=True, disable=None) as bar:
             t_data = time.perf_counter()
             for it in range(start_iter, self.max_iter):
                 batch = next(self.data)
                 t_step = time.perf_counter()
-                lr = lr_at(s, it, self.max_iter, self.steps)
+                lr = lr_at(s, it, self.max_iter, self.steps) * self.lr_scale
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 losses = self.run_step(it, batch)
@@ -103,6 +130,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return values
 
     def run_evaluation(self, iteration: int) -> Dict:
@@ -110,3 +139,32 @@ class Trainer:
         self.model.train()
         self.writer.write({"iter": iteration, **flat_metrics(metrics)}, prefix="val")
         return metrics
+
+
+def linear_lr_scale(solver_cfg) -> float:
+    """The linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): with
+    `solver.reference_batch_size` > 0, `solver.base_lr` is the rate for that many images and the rate used
+    is base_lr * ims_per_batch / reference_batch_size (ImageNet: 0.1 per 256 images). 1.0 when off."""
+    s = solver_cfg
+    if s.reference_batch_size < 0:
+        raise ConfigError(f"solver.reference_batch_size must be 0 (off) or positive, got {s.reference_batch_size}")
+    if s.reference_batch_size == 0:
+        return 1.0
+    scale = s.ims_per_batch / s.reference_batch_size
+    logger.info("learning rate %.4g = solver.base_lr %.4g x ims_per_batch %d / reference_batch_size %d",
+                s.base_lr * scale, s.base_lr, s.ims_per_batch, s.reference_batch_size)
+    return scale
+
+
+def weights_to_evaluate(cfg, weights: Optional[str] = None) -> str:
+    """What `--eval-only` evaluates: `weights`, else `model.weights`, else the run's model_final.pth, else
+    its last checkpoint."""
+    path = weights or cfg.model.weights
+    if path:
+        return path
+    final = os.path.join(cfg.output_dir, FINAL)
+    path = final if os.path.isfile(final) else Checkpointer(cfg.output_dir).last()
+    if path is None:
+        raise ConfigError(f"--eval-only needs weights: set model.weights=PATH, or train first so that "
+                          f"{cfg.output_dir} holds {FINAL} or a checkpoint")
+    return path

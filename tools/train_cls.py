@@ -1,10 +1,13 @@
-"""Train a ResNet classifier on an ImageFolder layout.
+"""Train a ResNet classifier on an ImageFolder layout (ImageNet pretraining), evaluating top-1/top-5 on
+data.val every epoch.
 
+    python tools/train_cls.py configs/cls_r50.yaml                          # ImageNet, 90 epochs
     python tools/train_cls.py configs/demo/cls_shapes.yaml output_dir=output/cls solver.epochs=5
+    python tools/train_cls.py CONFIG --resume          # continue from output_dir/last_checkpoint
+    python tools/train_cls.py CONFIG --eval-only       # evaluate model.weights or the run's last weights
 """
 import sys
 
-from engine.classification import train_classifier
 from engine.cli import parser_for, run
 from engine.config import load_config
 
@@ -13,9 +16,16 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/last_checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate (model.weights, else the "
+                        "run's model_final.pth or last checkpoint)")
     args = parser.parse_intermixed_args(argv)
-    metrics = train_classifier(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    from engine.classification import evaluate_only, train_classifier
+
+    metrics = evaluate_only(cfg) if args.eval_only else train_classifier(cfg, resume=args.resume)
     print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
+    print(f"wrote {cfg.output_dir}/metrics.json")
 
 
 if __name__ == "__main__":

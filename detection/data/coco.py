@@ -31,6 +31,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from engine.data.decode import ImageReader, read_json
+from engine.data.paths import require_path
 from engine.errors import ConfigError, DatasetError
 
 logger = logging.getLogger("detection.data")
@@ -50,15 +51,6 @@ SEGMENTATION_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_fi
 # Narrower than this after clipping, a box is a line, not an object (the model's regression targets
 # would divide by its width).
 MIN_BOX_SIDE = 1e-2
-
-
-def require_path(path, setting: str, what: str, folder: bool = False):
-    """ConfigError naming the config key when a dataset path is unset or does not exist."""
-    if not path:
-        raise ConfigError(f"config key '{setting}' is not set; set it to the {what}")
-    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
-        raise ConfigError(f"{what} not found: {path} (set by {setting}; change it with {setting}=PATH, or set "
-                          "the DATASETS environment variable if the config uses ${DATASETS})")
 
 
 def _is_number(v) -> bool:

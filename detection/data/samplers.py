@@ -12,15 +12,10 @@ batches it would have seen.
 import itertools
 from typing import Iterator, List, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-
-def sample_seed(*entropy: int) -> int:
-    """A 32-bit seed from integers such as (seed, epoch) or (seed, position); SeedSequence spreads
-    neighbouring inputs far apart, unlike `seed + position`."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+from engine.data.samplers import sample_seed
 
 
 class TrainingSampler(Sampler):

@@ -13,6 +13,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
 from engine.data.decode import ImageReader
+from engine.data.samplers import seed_compose
 from engine.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ def build_cls_transform(train, size=224, resize=None, mean=IMAGENET_MEAN, std=IM
     return A.Compose([A.SmallestMaxSize(max_size=resize), A.CenterCrop(height=size, width=size), *normalize])
 
 
+def class_folders(root):
+    """The sorted class folder names under `root` (hidden folders are not classes)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: ImageFolder root does not exist or is not a folder")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise DatasetError(f"{root}: no class folders; expected {root}/<class_name>/<image>")
+    return found
+
+
 def _find_images(folder, extensions):
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -53,9 +65,11 @@ def _find_images(folder, extensions):
 
 class ImageFolder(Dataset):
     """Classification dataset over `root/<class_name>/` folders; items are (CHW float tensor, int label).
+    An item may be an index or an `(index, seed)` pair (see engine/data/samplers.py): the seed fixes that
+    item's augmentation, whichever process loads it.
 
     transform: called as `transform(image=HxWx3 uint8 RGB)["image"]`; None uses the eval transform of
-        `build_cls_transform`.
+        `build_cls_transform`. Seeded items need an albumentations Compose.
     class_names: the class list to label with (pass the training set's `classes` when loading val/test);
         the folder must hold exactly these classes, and labels follow this list's order.
     skip_bad_images: when False an unreadable image raises DatasetError; when True it is logged once,
@@ -66,11 +80,7 @@ class ImageFolder(Dataset):
     def __init__(self, root, transform=None, class_names=None, skip_bad_images=False,
                  extensions=IMAGE_EXTENSIONS):
         self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
-            raise DatasetError(f"{self.root}: ImageFolder root does not exist or is not a folder")
-        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        if not found:
-            raise DatasetError(f"{self.root}: no class folders; expected {self.root}/<class_name>/<image>")
+        found = class_folders(self.root)
         if class_names is not None:
             class_names = list(class_names)
             if len(set(class_names)) != len(class_names):
@@ -105,9 +115,12 @@ class ImageFolder(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
         if not -len(self.samples) <= index < len(self.samples):
             raise IndexError(f"ImageFolder index {index} out of range for {len(self.samples)} samples")
         i, image = self.reader.first_readable(index % len(self.samples), len(self.samples),
                                               lambda j: self.samples[j][0])
+        if seed is not None:
+            seed_compose(self.transform, seed)
         return self.transform(image=image)["image"], self.samples[i][1]

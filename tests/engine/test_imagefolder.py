@@ -1,4 +1,6 @@
-"""ImageFolder: class discovery, labels, transforms, and the errors and skipping for bad data."""
+"""ImageFolder: class discovery, labels, transforms, the errors and skipping for bad data, and its seeded
+training order (engine/data/samplers.py)."""
+import itertools
 import logging
 
 import cv2
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from engine.data.imagefolder import ImageFolder, build_cls_transform
+from engine.data.samplers import EpochBatchSampler, seed_compose
 from engine.errors import DatasetError
 
 
@@ -158,3 +161,36 @@ def test_eval_resize_keeps_the_256_to_224_ratio():
     assert ops[0].max_size == 128
     assert build_cls_transform(train=False).transforms[0].max_size == 256
     assert build_cls_transform(train=False, size=112, resize=200).transforms[0].max_size == 200
+
+
+def test_seeded_items_fix_the_augmentation(tmp_path):
+    root = tmp_path / "t"
+    _png(root / "a" / "0.png", np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
+    ds = ImageFolder(root, transform=build_cls_transform(True, 24))
+    first, label = ds[(0, 7)]
+    ds[(0, 8)]
+    assert label == 0 and torch.equal(ds[(0, 7)][0], first)  # the seed alone decides, not the history
+    assert not torch.equal(ds[(0, 8)][0], first)
+
+
+def test_each_transform_gets_its_own_seed():
+    compose = build_cls_transform(True, 24)
+    seed_compose(compose, 5)
+    crop, flip = compose.transforms[:2]
+    # One shared seed would make the flip's draw the crop's first draw.
+    assert crop.seed != flip.seed and crop.py_random.random() != flip.py_random.random()
+
+
+def test_epoch_batches_cover_each_epoch_and_resume_exactly():
+    sampler = EpochBatchSampler(10, 3, seed=0)
+    assert sampler.batches_per_epoch == 3  # the 10th item sits each epoch out
+    stream = list(itertools.islice(iter(sampler), 9))
+    epochs = [[i for batch in stream[e * 3:(e + 1) * 3] for i, _ in batch] for e in range(3)]
+    assert all(len(set(e)) == 9 and set(e) <= set(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    seeds = [s for batch in stream for _, s in batch]
+    assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed
+    assert list(itertools.islice(iter(EpochBatchSampler(10, 3, seed=0, start_batch=4)), 5)) == stream[4:9]
+    assert list(itertools.islice(iter(EpochBatchSampler(10, 3, seed=1)), 3)) != stream[:3]
+    with pytest.raises(ValueError, match="4 items do not fill one batch of 5"):
+        EpochBatchSampler(4, 5, seed=0)

@@ -1,0 +1,97 @@
+"""tools/train_cls.py end to end on synthetic crops: training with the classification options,
+--eval-only, errors without tracebacks, and backbone.pth converted for torchvision."""
+import json
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from backbones.build import build_classifier
+from backbones.weights import load_state_dict, read_weights
+from detection.data.synthetic import make_crops
+from engine.cli import run
+from engine.config import load_config
+from tests.conftest import REPO
+
+
+def call(capsys, name, *args):
+    """A tool in this process: what `python tools/NAME ARGS` runs, minus the interpreter's start-up."""
+    main = runpy.run_path(str(REPO / "tools" / name))["main"]
+    code = run(main, list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    make_crops(str(root), "train", 8, seed=0, crop_size=32)
+    make_crops(str(root), "val", 4, seed=1, crop_size=32)
+    cfg = {"model": {"name": "classifier", "num_classes": 3, "backbone": {"depth": 18}},
+           "input": {"size": 32},
+           "data": {"num_workers": 0, "train": {"root": str(root / "crops/train")},
+                    "val": {"root": str(root / "crops/val")}},
+           "solver": {"ims_per_batch": 8, "epochs": 1, "base_lr": 0.01, "reference_batch_size": 16,
+                      "label_smoothing": 0.1, "log_period": 1, "checkpoint_period": 0},
+           "device": "cpu"}
+    path = root / "cls.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = root / "out"
+    result = subprocess.run([sys.executable, "tools/train_cls.py", str(path), f"output_dir={out}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return path, out, result
+
+
+def test_cli_trains_with_the_options(cli_run):
+    _, out, result = cli_run
+    assert "top-1" in result.stdout and f"wrote {out}/metrics.json" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"top1", "top5"}
+    assert "learning rate 0.005 = solver.base_lr 0.01 x ims_per_batch 8 / reference_batch_size 16" in \
+        (out / "log.txt").read_text()
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["lr"] for l in lines if "loss" in l] == pytest.approx([0.005] * 3)
+    saved = load_config(out / "config.yaml").solver
+    assert (saved.label_smoothing, saved.reference_batch_size) == (0.1, 16)
+
+
+def test_eval_only_writes_the_same_metrics(cli_run, capsys):
+    path, out, _ = cli_run
+    trained = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    code, stdout, err = call(capsys, "train_cls.py", path, f"output_dir={out}", "--eval-only")  # evaluates model_final.pth
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text()) == trained
+    assert f"top-1 {trained['top1']:.2f}%" in stdout
+
+
+def test_errors_are_one_line_and_exit_2(cli_run, capsys, tmp_path):
+    path, _, _ = cli_run
+    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'a'}", "data.train.root=null")
+    assert code == 2 and err.startswith("error: config key 'data.train.root' is not set")
+    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'b'}", "--resume")
+    assert code == 2 and "nothing to resume" in err
+    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'c'}", "--eval-only")
+    assert code == 2 and "--eval-only needs weights" in err
+    code, _, err = call(capsys, "train_cls.py", path, "solver.labelsmoothing=0.1")
+    assert code == 2 and "did you mean 'solver.label_smoothing'" in err
+    assert "Traceback" not in err
+
+
+def test_backbone_converts_to_torchvision(cli_run, capsys, tmp_path):
+    path, out, _ = cli_run
+    code, _, err = call(capsys, "convert_weights.py", "--to", "torchvision", out / "backbone.pth", tmp_path / "tv.pth")
+    assert code == 0, err
+    tv = torchvision.models.resnet18(num_classes=3)
+    tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=True)
+    ours = build_classifier(load_config(path))
+    report = load_state_dict(ours, read_weights(str(out / "backbone.pth")))
+    assert not report.missing and not report.unexpected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv.eval()(x), ours.eval()(x), rtol=0, atol=1e-5)
