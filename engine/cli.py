@@ -15,5 +15,15 @@ def run(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         return 2
+
+
+def message(error: Exception) -> str:
+    """The error's own message. An error raised in a DataLoader worker comes back re-raised with the
+    worker's traceback as its text; the message is what follows the error's name on its last line."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    return text[text.rindex(marker) + len(marker):].strip() if marker in text else text

@@ -1,9 +1,11 @@
 """The end-to-end demo behind `make demo`: the synthetic shapes dataset (train and val from different
-seeds), a Mask R-CNN trained on it from scratch, COCO box and mask evaluation on val, drawings of
-validation predictions with their masks and the loss curve, and a table of the COCO numbers.
+seeds), a short ResNet-18 classification pretraining on synthetic crops, a Mask R-CNN initialised from
+it and trained on the shapes, COCO box and mask evaluation on val, drawings of validation predictions
+with their masks and the loss curve, and a table of the classifier's and the detector's numbers.
 
     python tools/demo.py --output output/demo
-    python tools/demo.py --output output/demo solver.max_iter=200       # a shorter run
+    python tools/demo.py --output output/demo solver.max_iter=200       # a shorter detector run
+    python tools/demo.py --output output/demo --no-pretrain             # the detector from scratch
     python tools/demo.py --classifier --output output/demo              # the ResNet classifier demo
 """
 import argparse
@@ -25,14 +27,14 @@ TRAIN_CROPS_PER_CLASS = 3000
 VAL_CROPS_PER_CLASS = 300
 
 
-def pretrain_classifier(args, data, overrides=()):
+def pretrain_classifier(args, data, overrides=(), config="configs/demo/cls_shapes_pretrain.yaml"):
     """The ResNet-18 classifier on synthetic crops; its backbone.pth is the detector's initialisation."""
     from detection.data.synthetic import VAL_SEED_OFFSET, make_crops
     from engine.classification import train_classifier
 
     make_crops(data, "train", args.train_crops, SEED)
     make_crops(data, "val", args.val_crops, SEED + VAL_SEED_OFFSET)  # val never shares train's seed
-    cfg = load_config(os.path.join(REPO, "configs/demo/cls_shapes.yaml"), [
+    cfg = load_config(os.path.join(REPO, config), [
         f"data.train.root={data}/crops/train", f"data.val.root={data}/crops/val",
         f"output_dir={args.output}/cls", *overrides])
     return cfg, train_classifier(cfg)
@@ -72,7 +74,8 @@ def detection_demo(args):
 
 
 def classifier_demo(args):
-    cfg, metrics = pretrain_classifier(args, os.path.join(args.output, "data"), args.overrides)
+    cfg, metrics = pretrain_classifier(args, os.path.join(args.output, "data"), args.overrides,
+                                       "configs/demo/cls_shapes.yaml")
     print(f"\n{'task':<28}{'top-1 (%)':>10}{'top-5 (%)':>10}")
     print(f"{'shape classification (val)':<28}{metrics['top1']:>10.2f}{metrics['top5']:>10.2f}")
     print(f"outputs in {cfg.output_dir}")

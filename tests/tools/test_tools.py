@@ -62,7 +62,10 @@ def test_convert_weights_cli_bad_file(tmp_path):
 def test_demo_pipeline_on_a_tiny_run(tmp_path):
     """`make demo` end to end, shortened: data, training, evaluation, drawings, loss curve, the table."""
     result = subprocess.run([sys.executable, "tools/demo.py", "--output", str(tmp_path), "--train-images", "16",
-                             "--val-images", "4", "solver.max_iter=2", "solver.warmup_iters=1",
+                             "--val-images", "4", "--train-crops", "4", "--val-crops", "2",
+                             "--cls", "solver.ims_per_batch=4", "--cls", "solver.epochs=1", "--cls",
+                             "solver.warmup_iters=1", "--cls", "data.num_workers=0",
+                             "solver.max_iter=2", "solver.warmup_iters=1",
                              "solver.checkpoint_period=0", "data.num_workers=0"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -71,6 +74,7 @@ def test_demo_pipeline_on_a_tiny_run(tmp_path):
         assert (det / name).is_file(), name
     assert len(list((det / "vis").glob("*.png"))) == 4
     assert "bbox (COCO, %)" in result.stdout and "segm (COCO, %)" in result.stdout
-    assert "demo finished in" in result.stdout
+    assert "demo finished in" in result.stdout and "ResNet-18 on synthetic crops" in result.stdout
+    assert (tmp_path / "cls" / "backbone.pth").is_file() and "backbone.pth: loaded" in result.stderr
     assert list(json.loads((det / "metrics.json").read_text())) == ["bbox", "segm"]
     assert len(list((tmp_path / "data" / "train").glob("*.png"))) == 16
