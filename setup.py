@@ -18,6 +18,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "faster-coco-eval>=1.6",
+        "scikit-learn",  # the handwritten digits of tools/degradation.py
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
