@@ -23,3 +23,11 @@ class CheckpointError(ToolkitError):
 
 class TrainingError(ToolkitError):
     """Training cannot go on: a loss or an input became NaN or infinite."""
+
+
+class TrainingInterrupted(ToolkitError):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint of the current iteration was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

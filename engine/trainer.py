@@ -8,6 +8,8 @@ What is trained is given as `step_fn(model, batch) -> {name: loss tensor}`; the 
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterator, Optional
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint import Checkpointer
-from engine.errors import ConfigError, TrainingError
+from engine.errors import ConfigError, TrainingError, TrainingInterrupted
 from engine.events import MetricsWriter
 from engine.solver import lr_at
 
@@ -87,12 +89,32 @@ class Trainer:
                 self.ema.load_state_dict(self.model.state_dict())
 
     def train(self, start_iter: int = 0):
+        """Iterations start_iter .. max_iter - 1. SIGTERM or Ctrl-C (SIGINT) during training finishes the
+        iteration under way, saves a checkpoint of it, and raises TrainingInterrupted: `--resume` then
+        continues from exactly there."""
+        self.iteration = start_iter
+        with StopSignals() as stop:
+            try:
+                self._train(start_iter, stop)
+            except RuntimeError as e:
+                # How torch.utils.data reports a worker process that died (killed, out of memory): raised
+                # by the next batch, or by its SIGCHLD handler wherever the main process is.
+                if "DataLoader worker" not in str(e):
+                    raise
+                kept = self.last_checkpoint or "none saved yet"
+                raise TrainingError(f"iteration {self.iteration}: a data loader worker died "
+                                    f"({str(e).splitlines()[0]}); training stopped, the last checkpoint is kept "
+                                    f"({kept}); continue with --resume, with fewer data.num_workers if memory "
+                                    "ran out") from e
+
+    def _train(self, start_iter: int, stop: "StopSignals"):
         s = self.cfg.solver
         period = self.cfg.test.eval_period if self.eval_period is None else self.eval_period
         self.model.train()
         with tqdm(total=self.max_iter, initial=start_iter, desc="train", dynamic_ncols=True, disable=None) as bar:
             t_data = time.perf_counter()
             for it in range(start_iter, self.max_iter):
+                self.iteration = it
                 batch = next(self.data)
                 t_step = time.perf_counter()
                 lr = lr_at(s, it, self.max_iter, self.steps) * self.lr_scale
@@ -110,6 +132,13 @@ class Trainer:
                     self.save(f"model_{done:07d}.pth", done)
                 if done < self.max_iter and period > 0 and done % period == 0 and self.evaluate is not None:
                     self.run_evaluation(done)
+                if stop.signum is not None and done < self.max_iter:
+                    name = f"model_{done:07d}.pth"
+                    path = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.endswith(name) \
+                        else self.save(name, done)
+                    raise TrainingInterrupted(f"{signal.Signals(stop.signum).name} at iteration {done} of "
+                                              f"{self.max_iter}; checkpoint {path} saved, continue with --resume",
+                                              stop.signum)
                 t_data = time.perf_counter()
 
     def run_step(self, it: int, batch) -> Dict[str, float]:
@@ -139,6 +168,35 @@ class Trainer:
         self.model.train()
         self.writer.write({"iter": iteration, **flat_metrics(metrics)}, prefix="val")
         return metrics
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT are recorded (`signum`) instead of ending the process, so the loop
+    can stop between iterations with a checkpoint. Outside the main thread (where Python cannot install
+    handlers) it does nothing. Previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+        logger.warning("%s received: stopping after this iteration with a checkpoint",
+                       signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def linear_lr_scale(solver_cfg) -> float:
