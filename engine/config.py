@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .schema import SCHEMA, NoneType, Opt, all_keys, defaults
+from .schema import OVERRIDE_ALIASES, SCHEMA, NoneType, Opt, all_keys, defaults
 
 BASE_KEY = "_base_"
 CONFIG_FILENAME = "config.yaml"
@@ -216,6 +216,7 @@ def _resolve(layers: list[tuple[dict, str]], overrides: Iterable[str]) -> Config
         _merge(merged, data, origin, origins)
     for item in overrides or ():
         key, raw = _split_override(item)
+        key = OVERRIDE_ALIASES.get(key, key)
         origin = f"from override {item!r}"
         value = _parse_override_value(raw)
         spec = _override_spec(key, value, origin)

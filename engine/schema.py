@@ -196,6 +196,11 @@ SCHEMA: dict = {
 }
 
 
+# Short names that command lines and scripts use, accepted in KEY=VALUE overrides: `model.depth=101`
+# sets model.backbone.depth (the ResNet of a classifier and of a detector alike).
+OVERRIDE_ALIASES = {"model.depth": "model.backbone.depth"}
+
+
 def defaults(schema: dict = SCHEMA) -> dict:
     """The default config as a fresh nested dict (list defaults are copied, so callers may mutate them)."""
     return {key: defaults(spec) if isinstance(spec, dict) else copy.deepcopy(spec.default)

@@ -486,3 +486,10 @@ def test_coco_configs_resolve(name, monkeypatch):
     if not name.startswith("torchvision"):
         assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.max_iter) == (16, 0.02, 90000)
         assert cfg.solver.steps == [60000, 80000] and cfg.input.min_size_train[-1] == 800
+
+
+def test_script_alias_model_depth():
+    cfg = Config.from_dict({"model": {"name": "classifier"}}, ["model.depth=101"])
+    assert cfg.model.backbone.depth == 101 and "depth" not in cfg.model
+    with pytest.raises(ConfigError, match="model.backbone.depth"):
+        Config.from_dict({}, ["model.depth=42"])
