@@ -7,6 +7,7 @@ from backbones.build import MODELS as BACKBONE_MODELS
 from backbones.build import build_backbone
 from backbones.weights import load_state_dict, read_weights
 from engine.config import as_config
+from engine.device import memory_format
 from engine.errors import ConfigError
 
 from .preprocess import Preprocessor
@@ -28,7 +29,7 @@ def _select(shapes, names, key):
 def build_preprocessor(cfg) -> Preprocessor:
     i = cfg.input
     return Preprocessor(i.pixel_mean, i.pixel_std, i.format, i.pixel_scale, i.min_size_train, i.max_size_train,
-                        i.min_size_test, i.max_size_test, i.size_divisibility)
+                        i.min_size_test, i.max_size_test, i.size_divisibility, memory_format(cfg))
 
 
 def build_detector(config, overrides=()) -> FasterRCNN:
@@ -73,7 +74,7 @@ def build_detector(config, overrides=()) -> FasterRCNN:
         model = FasterRCNN(backbone, rpn, RoIHeads(box_shapes, **heads), build_preprocessor(cfg))
     if m.weights:
         load_detector_weights(model, m.weights)
-    return model
+    return model.to(memory_format=memory_format(cfg))
 
 
 def load_detector_weights(model, path: str):

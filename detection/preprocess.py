@@ -33,7 +33,8 @@ def scale_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence
 class Preprocessor(nn.Module):
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
                  pixel_scale: float = 1.0, min_size_train: Sequence[int] = (800,), max_size_train: int = 1333,
-                 min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32):
+                 min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         if input_format not in FORMATS:
             raise ConfigError(f"unknown input format {input_format!r}; valid: RGB, BGR")
@@ -48,6 +49,7 @@ class Preprocessor(nn.Module):
         self.min_size_test = min_size_test
         self.max_size_test = max_size_test
         self.size_divisibility = size_divisibility
+        self.memory_format = memory_format  # of the padded batch: channels_last for an NHWC model
         # torchvision's contract: the model resizes training images too. The trainer's data pipeline
         # resizes with albumentations instead (in its workers) and turns this off.
         self.resize_in_training = True
@@ -88,7 +90,7 @@ class Preprocessor(nn.Module):
         d = self.size_divisibility
         h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
         w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
-        batch = resized[0].new_zeros((len(resized), 3, h, w))
+        batch = resized[0].new_zeros((len(resized), 3, h, w)).contiguous(memory_format=self.memory_format)
         for i, img in enumerate(resized):
             batch[i, :, : img.shape[1], : img.shape[2]] = img
         return ImageBatch(batch, sizes), targets, original_sizes

@@ -10,7 +10,7 @@ import os
 from engine.checkpoint import Checkpointer
 from engine.config import save_config
 from engine.data.paths import require_path
-from engine.device import resolve_device
+from engine.device import resolve_device, training_device
 from engine.errors import ConfigError
 from engine.events import MetricsWriter, plot_losses, setup_logging
 from engine.seeding import seed_everything
@@ -55,7 +55,7 @@ def train_detector(cfg, resume: bool = False):
         require_path(cfg.data[split].img_dir, f"data.{split}.img_dir", f"{split} image directory", folder=True)
     setup_logging(out)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg)
     s = cfg.solver
     check_steps(s, s.max_iter)
     model = build_detector(cfg).to(device)

@@ -27,7 +27,7 @@ from engine.config import save_config
 from engine.data.imagefolder import ImageFolder, build_cls_transform, class_folders
 from engine.data.paths import require_path
 from engine.data.samplers import EpochBatchSampler
-from engine.device import resolve_device
+from engine.device import memory_format, pin_memory, resolve_device, training_device
 from engine.ema import ModelEMA
 from engine.errors import CheckpointError, ConfigError
 from engine.events import MetricsWriter, setup_logging
@@ -89,13 +89,14 @@ def build_cls_test_loader(cfg, dataset) -> DataLoader:
 def _loader(cfg, dataset, **batching) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(dataset, num_workers=workers, worker_init_fn=seed_worker, persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.seed), **batching)
+                      pin_memory=pin_memory(cfg), generator=torch.Generator().manual_seed(cfg.seed), **batching)
 
 
-def classification_step(model, batch, label_smoothing: float = 0.0):
+def classification_step(model, batch, label_smoothing: float = 0.0,
+                        memory_format: torch.memory_format = torch.contiguous_format):
     images, labels = batch
     device = next(model.parameters()).device
-    logits = model(images.to(device, non_blocking=True))
+    logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
     return {"loss_cls": F.cross_entropy(logits, labels.to(device, non_blocking=True), label_smoothing=label_smoothing)}
 
 
@@ -158,7 +159,7 @@ def train_classifier(cfg, resume: bool = False) -> dict:
     check_cls_config(cfg)
     setup_logging(out)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg)
     train_set, val_set = build_cls_datasets(cfg)
     iters_per_epoch = len(train_set) // s.ims_per_batch
     if iters_per_epoch == 0:
@@ -166,7 +167,7 @@ def train_classifier(cfg, resume: bool = False) -> dict:
                           f"training images in {cfg.data.train.root}")
     max_iter = s.epochs * iters_per_epoch
     save_config(cfg, out)
-    model = build_classifier(cfg).to(device)
+    model = build_classifier(cfg).to(device, memory_format=memory_format(cfg))
     optimizer = build_optimizer(cfg, model)
     checkpointer = Checkpointer(out)
     state = {}
@@ -179,7 +180,8 @@ def train_classifier(cfg, resume: bool = False) -> dict:
     val_loader = build_cls_test_loader(cfg, val_set)
     writer = MetricsWriter(out, resume_from=start_iter if resume else None)
     trainer = Trainer(cfg, model, optimizer, iter(build_cls_train_loader(cfg, train_set, start_iter)),
-                      partial(classification_step, label_smoothing=s.label_smoothing), checkpointer, writer,
+                      partial(classification_step, label_smoothing=s.label_smoothing,
+                              memory_format=memory_format(cfg)), checkpointer, writer,
                       device, max_iter, steps=[epoch * iters_per_epoch for epoch in s.steps],
                       evaluate=lambda m: evaluate_classifier(evaluated, val_loader, device),
                       eval_period=iters_per_epoch, ema=ema)

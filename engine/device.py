@@ -14,3 +14,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available; use device=auto or cpu")
     return device
+
+
+def training_device(cfg) -> torch.device:
+    """The training device, with cuDNN autotuning (`cudnn_benchmark`) set for CUDA: worth it for fixed
+    input sizes (classification); with varying detection image sizes each new size is tuned again."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
+    return device
+
+
+def pin_memory(cfg) -> bool:
+    """Page-locked loader batches (`data.pin_memory`): faster, non-blocking host-to-GPU copies; nothing
+    to gain without CUDA."""
+    return bool(cfg.data.pin_memory) and resolve_device(cfg.device).type == "cuda"
+
+
+def memory_format(cfg) -> torch.memory_format:
+    """`model.channels_last`: NHWC activations, which convolution kernels (CUDA tensor cores, oneDNN on
+    CPUs) run faster; the model's outputs are the same."""
+    return torch.channels_last if cfg.model.channels_last else torch.contiguous_format

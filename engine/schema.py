@@ -53,6 +53,8 @@ SCHEMA: dict = {
     "model": {
         "name": Opt(str, "resnet_fpn", choices=("classifier", "resnet_fpn", "faster_rcnn", "mask_rcnn"),
                     help="which model the builder makes"),
+        "channels_last": Opt(bool, False, help="NHWC memory format for the model and its inputs (faster "
+                                               "convolutions on GPUs and recent CPUs; same outputs)"),
         "num_classes": Opt(int, 1000, help="classes of the classifier; foreground classes of a detector"),
         "label_space": Opt(str, "contiguous", choices=("contiguous", "category_id"),
                            help="detector label i is data.categories[i-1] ('contiguous') or category id i"),
@@ -149,6 +151,7 @@ SCHEMA: dict = {
     "data": {
         "root": Opt(str, "datasets", help="directory that holds the datasets"),
         "num_workers": Opt(int, 2, help="DataLoader worker processes"),
+        "pin_memory": Opt(bool, True, help="page-locked batches for faster host-to-GPU copies (CUDA only)"),
         "filter_empty": Opt(bool, True, help="detection training: skip images without usable annotations"),
         "skip_bad_images": Opt(bool, False, help="skip unreadable images (logged and counted) instead of stopping"),
         "train": _split("training"),
@@ -193,6 +196,7 @@ SCHEMA: dict = {
     "output_dir": Opt(str, "output/default", help="where checkpoints, logs and config.yaml go"),
     "seed": Opt(int, 0, help="random seed"),
     "device": Opt(str, "auto", help="torch device; 'auto': cuda when available, else cpu"),
+    "cudnn_benchmark": Opt(bool, False, help="cuDNN autotuning on CUDA (pays off for fixed input sizes)"),
 }
 
 

@@ -2,6 +2,7 @@
 import torch
 from torch.utils.data import DataLoader
 
+from engine.device import pin_memory
 from engine.errors import ConfigError
 from engine.seeding import seed_worker
 
@@ -32,12 +33,13 @@ def build_dataset(cfg, split: str, train: bool, mapper=None) -> CocoDetection:
                          img_setting=f"data.{split}.img_dir", with_masks=wants_masks(cfg))
 
 
-def _loader(dataset, batch_sampler, num_workers: int, seed: int) -> DataLoader:
+def _loader(cfg, dataset, batch_sampler) -> DataLoader:
     # The generator fixes the workers' base seed (seed_worker), which seeds anything in a worker that
     # does not take the per-sample seed.
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_lists,
-                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_lists,
+                      worker_init_fn=seed_worker, persistent_workers=workers > 0, pin_memory=pin_memory(cfg),
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def build_detection_train_loader(cfg, start_iter: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -51,7 +53,7 @@ def build_detection_train_loader(cfg, start_iter: int = 0, rank: int = 0, world_
     sampler = TrainingSampler(len(dataset), cfg.seed, rank=rank, world_size=world_size)
     batches = AspectRatioGroupedBatchSampler(sampler, dataset.landscape, cfg.solver.ims_per_batch // world_size,
                                              sample_seed(cfg.seed, rank), start_batch=start_iter)
-    return _loader(dataset, batches, cfg.data.num_workers, cfg.seed)
+    return _loader(cfg, dataset, batches)
 
 
 def build_detection_test_loader(cfg, batch_size: int = 1, resize: bool = False, rank: int = 0,
@@ -64,4 +66,4 @@ def build_detection_test_loader(cfg, batch_size: int = 1, resize: bool = False, 
     dataset = build_dataset(cfg, "val", False, transform_from_config(cfg, train=False) if resize else None)
     indices = list(InferenceSampler(len(dataset), rank, world_size))
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return _loader(dataset, batches, cfg.data.num_workers, cfg.seed)
+    return _loader(cfg, dataset, batches)
