@@ -40,15 +40,31 @@ def random_torchvision_frcnn(seed=0, score_scale=1.0, model_class=torchvision.mo
     return model.eval()
 
 
+def matches(theirs, ours):
+    """(T, O) bool: torchvision's detection t and ours o agree (IoU > 0.99, same label, score within 1e-3)."""
+    iou = box_iou(theirs["boxes"], ours["boxes"])
+    same = theirs["labels"][:, None] == ours["labels"][None, :]
+    close = (theirs["scores"][:, None] - ours["scores"][None, :]).abs() < 1e-3
+    return (iou > 0.99) & same & close
+
+
 def match_fraction(theirs, ours):
     if len(theirs["boxes"]) == 0:
         return 1.0 if len(ours["boxes"]) == 0 else 0.0
     if len(ours["boxes"]) == 0:
         return 0.0
-    iou = box_iou(theirs["boxes"], ours["boxes"])
-    same = theirs["labels"][:, None] == ours["labels"][None, :]
-    close = (theirs["scores"][:, None] - ours["scores"][None, :]).abs() < 1e-3
-    return ((iou > 0.99) & same & close).any(dim=1).float().mean().item()
+    return matches(theirs, ours).any(dim=1).float().mean().item()
+
+
+def both_on(tv, results, path):
+    """torchvision's output on the image at `path`, and our results.json entries for it as tensors (plus
+    the entries themselves under "entries")."""
+    with torch.no_grad():
+        theirs = tv([torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255])[0]
+    mine = [r for r in results if r["file_name"] == path.name]
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
+    return theirs, {"boxes": boxes, "scores": torch.tensor([r["score"] for r in mine]),
+                    "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long), "entries": mine}
 
 
 def convert_and_infer(tv, config, images, tmp_path):
@@ -74,12 +90,7 @@ def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path):
     total = matched = 0
     spread = []
     for path in images:
-        with torch.no_grad():
-            theirs = tv([torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255])[0]
-        mine = [r for r in ours if r["file_name"] == path.name]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
-        mine = {"boxes": boxes, "scores": torch.tensor([r["score"] for r in mine]),
-                "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long)}
+        theirs, mine = both_on(tv, ours, path)
         assert len(theirs["boxes"]) > 0
         total += len(theirs["boxes"])
         matched += match_fraction(theirs, mine) * len(theirs["boxes"])

@@ -6,11 +6,9 @@ import pytest
 import torch
 import torchvision
 from pycocotools import mask as mask_utils
-from torchvision.ops import box_iou
 
-from engine.data.decode import read_image
 from tests.conftest import REPO
-from tests.parity.test_torchvision_frcnn import convert_and_infer, random_torchvision_frcnn
+from tests.parity.test_torchvision_frcnn import both_on, convert_and_infer, matches, random_torchvision_frcnn
 
 CONFIG = REPO / "configs" / "torchvision" / "mrcnn_r50_fpn.yaml"
 
@@ -23,20 +21,14 @@ def test_infer_tool_reproduces_torchvision_masks(shared_data, tmp_path):
     total = matched = 0
     ious = []
     for path in images:
-        with torch.no_grad():
-            theirs = tv([torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255])[0]
-        mine = [r for r in ours if r["file_name"] == path.name]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
-        labels = torch.tensor([r["category_id"] for r in mine], dtype=torch.long)
-        scores = torch.tensor([r["score"] for r in mine])
-        assert len(theirs["boxes"]) > 0 and len(mine) > 0
-        good = ((box_iou(theirs["boxes"], boxes) > 0.99) & (theirs["labels"][:, None] == labels[None])
-                & ((theirs["scores"][:, None] - scores[None]).abs() < 1e-3))
+        theirs, mine = both_on(tv, ours, path)
+        assert len(theirs["boxes"]) > 0 and len(mine["boxes"]) > 0
+        good = matches(theirs, mine)
         total += len(good)
         matched += int(good.any(dim=1).sum())
         their_masks = (theirs["masks"][:, 0] >= 0.5).numpy()
         for i, j in torch.nonzero(good).tolist():
-            a, b = their_masks[i], mask_utils.decode(mine[j]["segmentation"]).astype(bool)
+            a, b = their_masks[i], mask_utils.decode(mine["entries"][j]["segmentation"]).astype(bool)
             union = (a | b).sum()
             ious.append((a & b).sum() / union if union else 1.0)
         nonempty = their_masks.reshape(len(their_masks), -1).any(axis=1).mean()
