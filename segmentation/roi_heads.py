@@ -29,8 +29,9 @@ class MaskRoIHeads(RoIHeads):
             raise ValueError("Mask R-CNN training needs 'masks' (N, H, W) in every target")
         counts = [len(p) for p in proposals]
         positive = labels > 0
-        rois = [p[f] for p, f in zip(proposals, positive.split(counts))]
-        matched = [m[f] for m, f in zip(matched.split(counts), positive.split(counts))]
+        per_image = positive.split(counts)
+        rois = [p[f] for p, f in zip(proposals, per_image)]
+        matched = [m[f] for m, f in zip(matched.split(counts), per_image)]
         logits = self.mask_head(self.mask_pooler(features, rois))
         size = logits.shape[-1]
         targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.pooler.aligned)
