@@ -15,6 +15,7 @@ from engine.config import save_config
 from engine.data.decode import read_image
 from engine.data.imagefolder import IMAGE_EXTENSIONS
 from engine.data.paths import require_path
+from engine import distributed as dist
 from engine.device import resolve_device
 from engine.errors import DatasetError
 
@@ -119,13 +120,14 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
 
 @torch.inference_mode()
 def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int],
-                 mask_thresh: float = 0.5) -> List[dict]:
+                 mask_thresh: float = 0.5, img_ids: Optional[Sequence[int]] = None) -> List[dict]:
     """COCO results (image_id, category_id, bbox, score, and segmentation when the model predicts masks)
-    for every image of a COCO ground truth. Masks become RLE image by image: full-size masks of a
-    whole dataset would not fit in memory."""
+    for the images `img_ids` (default: every image) of a COCO ground truth. Masks become RLE image by
+    image: full-size masks of a whole dataset would not fit in memory."""
     results = []
-    img_ids = sorted(gt.getImgIds())
-    for img_id in tqdm(img_ids, desc="eval", disable=len(img_ids) <= PROGRESS_MIN_IMAGES or None):
+    img_ids = sorted(gt.getImgIds()) if img_ids is None else img_ids
+    quiet = len(img_ids) <= PROGRESS_MIN_IMAGES or not dist.is_main()
+    for img_id in tqdm(img_ids, desc="eval", disable=True if quiet else None):
         image = read_image(os.path.join(img_dir, gt.imgs[img_id]["file_name"]))
         det, masks = detect(model, image, device, mask_thresh)
         results += to_coco_results(det, label_to_id, masks, image_id=img_id)
@@ -135,14 +137,28 @@ def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int],
 def evaluate_detector(cfg, model, device):
     """Run `model` over data.val and evaluate with COCO AP, box AP and, for a model with masks
     (model.name mask_rcnn), mask AP; writes output_dir/metrics.json and output_dir/eval/.
-    Returns {iou_type: CocoEvalResult}."""
-    from .evaluation.coco_eval import evaluate_and_write, load_coco_gt, load_results
+    Returns {iou_type: CocoEvalResult}.
+
+    In a distributed run every process detects on its contiguous share of the images; rank 0 gathers
+    the results in image order, evaluates once and writes the files, and every process returns its
+    reports. The processes' models must hold the same weights; BN statistics are copied from rank 0."""
+    from .evaluation.coco_eval import load_coco_gt
 
     require_path(cfg.data.val.ann_file, "data.val.ann_file", "validation annotation file")
     require_path(cfg.data.val.img_dir, "data.val.img_dir", "validation image directory", folder=True)
     gt = load_coco_gt(cfg.data.val.ann_file, setting="data.val.ann_file")
+    dist.sync_buffers(model)
     model.eval()
-    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg), cfg.test.mask_thresh)
+    img_ids = sorted(gt.getImgIds())
+    mine = [img_ids[i] for i in dist.shard(len(img_ids))]
+    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg), cfg.test.mask_thresh, mine)
+    parts = dist.gather_to_main(results)
+    return dist.on_main(lambda: _evaluate_results(cfg, gt, [r for part in parts for r in part]))
+
+
+def _evaluate_results(cfg, gt, results: List[dict]):
+    from .evaluation.coco_eval import evaluate_and_write, load_results
+
     # A head can know classes the ground truth lacks (torchvision's 91-way COCO head has 10 unused ids);
     # COCO AP only scores the ground truth's categories, so those detections are left out, counted.
     known = set(gt.getCatIds())

@@ -3,19 +3,23 @@
 Writes to `cfg.output_dir`: config.yaml, log.txt, metrics.jsonl, tensorboard/, model_{iter}.pth
 checkpoints with a `last_checkpoint` pointer, model_final.pth, loss_curve.png, and the final COCO
 evaluation on data.val (metrics.json, eval/).
+
+Under torchrun each process trains on its share of every batch (solver.ims_per_batch is the total) and
+evaluates its share of data.val; rank 0 writes all the files.
 """
 import logging
 import os
 
+from engine import distributed as dist
 from engine.checkpoint import Checkpointer
 from engine.config import save_config
 from engine.data.paths import require_path
-from engine.device import resolve_device, training_device
+from engine.device import setup_device
 from engine.errors import ConfigError
 from engine.events import MetricsWriter, plot_losses, setup_logging
 from engine.seeding import seed_everything
-from engine.solver import build_optimizer, check_steps
-from engine.trainer import FINAL, Trainer, flat_metrics, weights_to_evaluate
+from engine.solver import build_optimizer, check_steps, scale_to_world_size
+from engine.trainer import FINAL, Trainer, close_run, flat_metrics, weights_to_evaluate
 
 from .build import build_detector, load_detector_weights
 from .data.build import build_detection_train_loader
@@ -53,10 +57,13 @@ def train_detector(cfg, resume: bool = False):
     for split in ("train", "val"):
         require_path(cfg.data[split].ann_file, f"data.{split}.ann_file", f"{split} annotation file")
         require_path(cfg.data[split].img_dir, f"data.{split}.img_dir", f"{split} image directory", folder=True)
+    device = setup_device(cfg)
     setup_logging(out)
-    seed_everything(cfg.seed)
-    device = training_device(cfg)
+    # Each process its own random stream (RPN and RoI sampling); DistributedDataParallel starts every
+    # process from rank 0's initial weights.
+    seed_everything(cfg.seed + dist.rank())
     s = cfg.solver
+    scale_to_world_size(cfg, dist.world_size())
     check_steps(s, s.max_iter)
     model = build_detector(cfg).to(device)
     # The data pipeline resizes training images (albumentations, in the loader's workers).
@@ -68,12 +75,15 @@ def train_detector(cfg, resume: bool = False):
         state = checkpointer.resume(model, optimizer)
         start_iter = state["iteration"]
         logger.info("resumed from %s at iteration %d", state["path"], start_iter)
-    loader = build_detection_train_loader(cfg, start_iter=start_iter)
+    loader = build_detection_train_loader(cfg, start_iter=start_iter, rank=dist.rank(),
+                                          world_size=dist.world_size())
     _fill_categories(cfg, loader.dataset)
     save_config(cfg, out)
-    logger.info("training %s for %d iterations (%d images per batch) on %s; %d training images",
-                type(model).__name__, s.max_iter, s.ims_per_batch, device, len(loader.dataset))
-    writer = MetricsWriter(out, resume_from=start_iter if resume else None)
+    logger.info("training %s for %d iterations (%d images per batch%s) on %s; %d training images",
+                type(model).__name__, s.max_iter, s.ims_per_batch,
+                f", {s.ims_per_batch // dist.world_size()} in each of {dist.world_size()} processes ({dist.backend()})"
+                if dist.world_size() > 1 else "", device, len(loader.dataset))
+    writer = MetricsWriter(out, resume_from=start_iter if resume else None, enabled=dist.is_main())
     trainer = Trainer(cfg, model, optimizer, iter(loader), detection_step, checkpointer, writer, device,
                       s.max_iter, evaluate=lambda m: _metrics(evaluate_detector(cfg, m, device)))
     trainer.restore(state)
@@ -84,8 +94,7 @@ def train_detector(cfg, resume: bool = False):
         reports = evaluate_detector(cfg, model, device)
         writer.write({"iter": s.max_iter, **flat_metrics(_metrics(reports))}, prefix="val")
     finally:
-        writer.close()
-        plot_losses(writer.history, os.path.join(out, "loss_curve.png"))
+        close_run(writer, lambda history: plot_losses(history, os.path.join(out, "loss_curve.png")))
     return reports
 
 
@@ -96,9 +105,9 @@ def _metrics(reports):
 def evaluate_only(cfg, weights=None):
     """`tools/train_det.py --eval-only`: evaluate `weights`, else model.weights, else the run's final or
     last checkpoint."""
+    device = setup_device(cfg)
     setup_logging(cfg.output_dir)
     save_config(cfg, cfg.output_dir)
-    device = resolve_device(cfg.device)
     model = build_detector(cfg).to(device)
     path = weights_to_evaluate(cfg, weights)
     if path != cfg.model.weights:  # build_detector has loaded model.weights already

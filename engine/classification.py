@@ -10,6 +10,10 @@ backbone.pth is the trained network (the EMA weights when `solver.ema`) with its
 ImageNet checkpoint: a detection config's `model.backbone.weights`, or torchvision's names with
 `tools/convert_weights.py --to torchvision`. In classification configs `solver.steps` are epochs, and the
 model is evaluated at the end of every epoch.
+
+Under torchrun each process trains on its slice of every batch (solver.ims_per_batch is the total; the
+processes together see the batches of a single-process run) and evaluates its share of data.val; rank 0
+writes the files.
 """
 import json
 import logging
@@ -22,18 +26,19 @@ from torch.utils.data import DataLoader
 
 from backbones.build import build_classifier, build_resnet
 from backbones.weights import load_state_dict, read_weights, save_weights
+from engine import distributed as dist
 from engine.checkpoint import Checkpointer, safe_torch_load
 from engine.config import save_config
 from engine.data.imagefolder import ImageFolder, build_cls_transform, class_folders
 from engine.data.paths import require_path
 from engine.data.samplers import EpochBatchSampler
-from engine.device import memory_format, pin_memory, resolve_device, training_device
+from engine.device import memory_format, pin_memory, setup_device
 from engine.ema import ModelEMA
 from engine.errors import CheckpointError, ConfigError
 from engine.events import MetricsWriter, setup_logging
 from engine.seeding import seed_everything, seed_worker
-from engine.solver import build_optimizer, check_steps
-from engine.trainer import FINAL, Trainer, weights_to_evaluate
+from engine.solver import build_optimizer, check_steps, scale_to_world_size
+from engine.trainer import FINAL, Trainer, close_run, weights_to_evaluate
 
 logger = logging.getLogger("engine")
 
@@ -77,13 +82,20 @@ def build_cls_datasets(cfg):
 def build_cls_train_loader(cfg, dataset, start_iter: int = 0) -> DataLoader:
     """Endless batches `(images, labels)` of `solver.ims_per_batch` images, epoch after epoch (see
     engine/data/samplers.py); `start_iter` skips the batches a resumed run has trained on."""
-    batches = EpochBatchSampler(len(dataset), cfg.solver.ims_per_batch, cfg.seed, start_batch=start_iter)
+    if cfg.solver.ims_per_batch % dist.world_size():
+        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                          f"{dist.world_size()} processes")
+    batches = EpochBatchSampler(len(dataset), cfg.solver.ims_per_batch, cfg.seed, start_batch=start_iter,
+                                rank=dist.rank(), world_size=dist.world_size())
     return _loader(cfg, dataset, batch_sampler=batches)
 
 
 def build_cls_test_loader(cfg, dataset) -> DataLoader:
-    """Every image once, in order, in batches of `solver.ims_per_batch`."""
-    return _loader(cfg, dataset, batch_size=cfg.solver.ims_per_batch, shuffle=False)
+    """Every image once, in order, in batches of `solver.ims_per_batch` (per process); in a distributed
+    run, this process's contiguous share of the images."""
+    share = torch.utils.data.Subset(dataset, dist.shard(len(dataset))) if dist.world_size() > 1 else dataset
+    batch = max(cfg.solver.ims_per_batch // dist.world_size(), 1)
+    return _loader(cfg, share, batch_size=batch, shuffle=False)
 
 
 def _loader(cfg, dataset, **batching) -> DataLoader:
@@ -102,7 +114,10 @@ def classification_step(model, batch, label_smoothing: float = 0.0,
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, device) -> dict:
-    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes)."""
+    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes). In a distributed run
+    `loader` holds this process's share, the counts are summed over the processes, and every process
+    evaluates rank 0's BN statistics."""
+    dist.sync_buffers(model)
     model.eval()
     correct = torch.zeros(2)
     total = 0
@@ -113,6 +128,9 @@ def evaluate_classifier(model, loader, device) -> dict:
         hit = top == labels[:, None]
         correct += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).float()
         total += len(labels)
+    counts = dist.all_reduce_sum(torch.cat([correct.double(), torch.tensor([float(total)], dtype=torch.float64)])
+                                 .to(device)).cpu()
+    correct, total = counts[:2], int(counts[2])
     top1, top5 = (100.0 * correct / max(total, 1)).tolist()
     logger.info("validation (%d images): top-1 %.2f%%, top-5 %.2f%%", total, top1, top5)
     return {"top1": top1, "top5": top5}
@@ -157,9 +175,10 @@ def train_classifier(cfg, resume: bool = False) -> dict:
     """Train, evaluating on data.val every epoch. Returns the final {"top1", "top5"} (percent)."""
     out, s = cfg.output_dir, cfg.solver
     check_cls_config(cfg)
+    device = setup_device(cfg)
     setup_logging(out)
-    seed_everything(cfg.seed)
-    device = training_device(cfg)
+    seed_everything(cfg.seed + dist.rank())
+    scale_to_world_size(cfg, dist.world_size(), epochs=True)
     train_set, val_set = build_cls_datasets(cfg)
     iters_per_epoch = len(train_set) // s.ims_per_batch
     if iters_per_epoch == 0:
@@ -175,10 +194,12 @@ def train_classifier(cfg, resume: bool = False) -> dict:
         state = checkpointer.resume(model, optimizer)
         logger.info("resumed from %s at iteration %d", state["path"], state["iteration"])
     start_iter = state.get("iteration", 0)
+    if s.ema:
+        dist.sync_buffers(model, parameters=True)  # every process's average starts from rank 0's weights
     ema = ModelEMA(model, s.ema_decay) if s.ema else None
     evaluated = ema.module if ema is not None else model  # what is evaluated and exported
     val_loader = build_cls_test_loader(cfg, val_set)
-    writer = MetricsWriter(out, resume_from=start_iter if resume else None)
+    writer = MetricsWriter(out, resume_from=start_iter if resume else None, enabled=dist.is_main())
     trainer = Trainer(cfg, model, optimizer, iter(build_cls_train_loader(cfg, train_set, start_iter)),
                       partial(classification_step, label_smoothing=s.label_smoothing,
                               memory_format=memory_format(cfg)), checkpointer, writer,
@@ -196,10 +217,11 @@ def train_classifier(cfg, resume: bool = False) -> dict:
         metrics = evaluate_classifier(evaluated, val_loader, device)
         writer.write({"iter": max_iter, **metrics}, prefix="val")
     finally:
-        writer.close()
-        plot_curves(writer.history, iters_per_epoch, os.path.join(out, "accuracy_curve.png"))
-    save_backbone(cfg, evaluated, train_set.classes, metrics)
-    _write_metrics(cfg, metrics)
+        close_run(writer, lambda history: plot_curves(history, iters_per_epoch,
+                                                      os.path.join(out, "accuracy_curve.png")))
+    if dist.is_main():
+        save_backbone(cfg, evaluated, train_set.classes, metrics)
+        _write_metrics(cfg, metrics)
     return metrics
 
 
@@ -217,9 +239,9 @@ def evaluate_only(cfg, weights=None) -> dict:
     """`tools/train_cls.py --eval-only`: evaluate `weights`, else model.weights, else the run's final or
     last checkpoint, on data.val; writes metrics.json."""
     require_path(cfg.data.val.root, "data.val.root", "validation ImageFolder (root/<class>/<image>)", folder=True)
+    device = setup_device(cfg)
     setup_logging(cfg.output_dir)
     save_config(cfg, cfg.output_dir)
-    device = resolve_device(cfg.device)
     path = weights_to_evaluate(cfg, weights)
     # Labels follow the training set's class order; without the training set at hand, val's own sorted
     # folders are the same order whenever the two hold the same classes.
@@ -235,5 +257,6 @@ def evaluate_only(cfg, weights=None) -> dict:
                               f"({', '.join(report.missing[:5])}, ...); is it a checkpoint of this config's model?")
     logger.info("evaluating %s", path)
     metrics = evaluate_classifier(model, build_cls_test_loader(cfg, val_set), device)
-    _write_metrics(cfg, metrics)
+    if dist.is_main():
+        _write_metrics(cfg, metrics)
     return metrics

@@ -12,15 +12,20 @@ def parser_for(doc: str) -> argparse.ArgumentParser:
 def run(main, argv=None) -> int:
     """Call `main(argv)`; a ToolkitError becomes `error: <message>` on stderr and exit status 2,
     instead of a traceback from deep inside the library. Training stopped by SIGTERM or Ctrl-C (after
-    saving a checkpoint) exits with 128 + the signal number, as the shell reports a killed process."""
+    saving a checkpoint) exits with 128 + the signal number, as the shell reports a killed process.
+    In a distributed run the messages name the rank, and the process group is closed at the end."""
+    from . import distributed
+
     try:
         return main(argv) or 0
     except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {distributed.rank_prefix()}{e}", file=sys.stderr)
         return 128 + e.signum  # the shell's status for a process ended by that signal
     except ToolkitError as e:
-        print(f"error: {message(e)}", file=sys.stderr)
+        print(f"error: {distributed.rank_prefix()}{message(e)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 def message(error: Exception) -> str:

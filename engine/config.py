@@ -145,8 +145,12 @@ def as_config(config: str | Path | Mapping, overrides: Iterable[str] = ()) -> Co
 
 def save_config(cfg: Mapping, output_dir: str | Path) -> Path:
     """Write the resolved config to `output_dir/config.yaml` and return that path."""
+    from engine.distributed import is_main
+
     out = Path(output_dir)
     path = out / CONFIG_FILENAME
+    if not is_main():  # one process of a distributed run writes it
+        return path
     text = (cfg if isinstance(cfg, Config) else Config(cfg)).to_yaml()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def training_device(cfg) -> torch.device:
-    """The training device, with cuDNN autotuning (`cudnn_benchmark`) set for CUDA: worth it for fixed
-    input sizes (classification); with varying detection image sizes each new size is tuned again."""
-    device = resolve_device(cfg.device)
+def setup_device(cfg) -> torch.device:
+    """This process's device for training or evaluation. Under torchrun it joins the process group first
+    (engine.distributed) and is the GPU of its local rank. cuDNN autotuning (`cudnn_benchmark`) is set for
+    CUDA: worth it for fixed input sizes (classification); with varying detection image sizes each new size
+    is tuned again."""
+    from .distributed import init_distributed
+
+    device = init_distributed(resolve_device(cfg.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
     return device

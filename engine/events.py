@@ -10,9 +10,21 @@ logger = logging.getLogger("engine")
 
 
 def setup_logging(output_dir: str):
-    """INFO and above to stderr and to `output_dir/log.txt` (appended, so a resumed run keeps its history)."""
-    os.makedirs(output_dir, exist_ok=True)
+    """INFO and above to stderr and to `output_dir/log.txt` (appended, so a resumed run keeps its history).
+    In a distributed run only rank 0 does this; the other ranks print warnings and errors, marked with
+    their rank, to stderr."""
+    from engine import distributed as dist
+
     root = logging.getLogger()
+    if not dist.is_main():
+        root.setLevel(logging.WARNING)
+        if not any(type(h) is logging.StreamHandler for h in root.handlers):
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter(f"%(asctime)s rank {dist.rank()} %(name)s %(levelname)s: "
+                                                   "%(message)s"))
+            root.addHandler(console)
+        return
+    os.makedirs(output_dir, exist_ok=True)
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
@@ -31,12 +43,17 @@ class MetricsWriter:
 
     `resume_from`: on a resumed run, records at or after this iteration are dropped from the existing
     file first, so that the iterations redone after the checkpoint are not logged twice.
+    `enabled=False` (the ranks other than 0 of a distributed run): records are kept in `history` only.
     """
 
-    def __init__(self, output_dir: str, resume_from: Optional[int] = None, tensorboard: bool = True):
+    def __init__(self, output_dir: str, resume_from: Optional[int] = None, tensorboard: bool = True,
+                 enabled: bool = True):
+        self.history: List[Dict] = []
+        self._file = self._tb = None
+        if not enabled:
+            return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.history: List[Dict] = []
         if resume_from is not None and os.path.isfile(self.path):
             with open(self.path) as f:
                 for line in f:
@@ -49,7 +66,6 @@ class MetricsWriter:
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -60,6 +76,8 @@ class MetricsWriter:
 
     def write(self, record: Dict, prefix: str = "train"):
         self.history.append(record)
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and "iter" in record:
@@ -68,7 +86,8 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["iter"])
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

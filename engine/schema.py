@@ -179,6 +179,9 @@ SCHEMA: dict = {
         "amp_dtype": Opt(str, "float16", choices=("float16", "bfloat16"), help="autocast dtype when solver.amp"),
         "reference_batch_size": Opt(int, 0, help="> 0: base_lr is for this many images and the lr used is "
                                     "base_lr * ims_per_batch / reference_batch_size (linear scaling); 0: base_lr as is"),
+        "reference_world_size": Opt(int, 0, help="> 0: the batch (ims_per_batch), lr and schedule are written for this many "
+                                    "processes; with another number they are rescaled, keeping the images per process "
+                                    "(linear scaling rule); 0: used as written"),
         "label_smoothing": Opt(float, 0.0, help="classification: label smoothing of the cross-entropy (0: none)"),
         "ema": Opt(bool, False, help="classification: keep an exponential moving average of the weights, "
                    "evaluated and exported as backbone.pth"),

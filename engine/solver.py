@@ -1,9 +1,12 @@
 """Optimizers and learning-rate schedules for the trainers, built from `solver.*`."""
+import logging
 import math
 
 import torch
 
 from engine.errors import ConfigError
+
+logger = logging.getLogger("engine")
 
 OPTIMIZERS = ("SGD", "AdamW")
 
@@ -62,3 +65,42 @@ def check_steps(solver_cfg, max_iter: int, unit: str = "iterations"):
     steps = list(solver_cfg.steps)
     if steps != sorted(steps) or any(s <= 0 or s > max_iter for s in steps):
         raise ConfigError(f"solver.steps must be increasing {unit} within (0, {max_iter}], got {steps}")
+
+
+def scale_to_world_size(cfg, world_size: int, epochs: bool = False):
+    """Adapt a config written for `solver.reference_world_size` processes to `world_size` of them, keeping
+    the images per process (Detectron2's REFERENCE_WORLD_SIZE; the linear scaling rule of Goyal et al.
+    2017): ims_per_batch and base_lr scale by world_size / reference_world_size (base_lr only when
+    `solver.reference_batch_size` does not already tie it to the batch), iteration counts by the inverse,
+    so that training sees as many images, with the same lr schedule per image. A classification config
+    (`epochs`) counts its length and steps in epochs; only warmup_iters and checkpoint_period are
+    iterations there. Afterwards reference_world_size is world_size, so the config.yaml written is the one
+    that ran. Changes `cfg` in place; nothing happens when reference_world_size is 0 or already world_size."""
+    s = cfg.solver
+    ref = s.reference_world_size
+    if ref < 0:
+        raise ConfigError(f"solver.reference_world_size must be 0 (off) or positive, got {ref}")
+    if ref == 0 or ref == world_size:
+        return
+    if s.ims_per_batch % ref:
+        raise ConfigError(f"solver.ims_per_batch={s.ims_per_batch} is not divisible by "
+                          f"solver.reference_world_size={ref}")
+    scale = world_size / ref
+    old = (s.ims_per_batch, s.base_lr, s.max_iter)
+
+    def iters(n: int) -> int:
+        return max(int(round(n / scale)), 1) if n > 0 else n
+
+    s.ims_per_batch = s.ims_per_batch // ref * world_size
+    if s.reference_batch_size == 0:
+        s.base_lr = s.base_lr * scale
+    s.warmup_iters = int(round(s.warmup_iters / scale))
+    s.checkpoint_period = iters(s.checkpoint_period)
+    if not epochs:
+        s.max_iter = iters(s.max_iter)
+        s.steps = [iters(step) for step in s.steps]
+        cfg.test.eval_period = iters(cfg.test.eval_period)
+    s.reference_world_size = world_size
+    logger.info("solver.reference_world_size %d -> %d processes: ims_per_batch %d -> %d, base_lr %.4g -> %.4g%s",
+                ref, world_size, old[0], s.ims_per_batch, old[1], s.base_lr,
+                "" if epochs else f", max_iter {old[2]} -> {s.max_iter}, steps {list(s.steps)}")

@@ -4,10 +4,16 @@ periodic checkpoints and evaluation.
 
 What is trained is given as `step_fn(model, batch) -> {name: loss tensor}`; the total loss is their sum
 (Detectron2's convention), so a detector and a classifier go through the same loop.
+
+Under torchrun every process runs this loop on its share of each batch: the model is wrapped in
+DistributedDataParallel, the logged losses are averaged over the processes, and the processes agree at
+every iteration on whether to stop (a signal reached any of them, a loss is not finite), so that none is
+left waiting for the others. Checkpoints hold every process's RNG state and are written by rank 0.
 """
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -17,7 +23,8 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import Checkpointer
+from engine import distributed as dist
+from engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from engine.errors import ConfigError, TrainingError, TrainingInterrupted
 from engine.events import MetricsWriter
 from engine.solver import lr_at
@@ -51,6 +58,9 @@ class Trainer:
         `test.eval_period`; 0: never during training; the caller runs the final evaluation).
     steps: the step schedule's iterations (default `solver.steps`).
     ema: an `engine.ema.ModelEMA` of `model`, updated after every step and saved in the checkpoints.
+
+    `model` is the bare model (what is saved and evaluated); `step_fn` gets it wrapped for
+    DistributedDataParallel when the run has several processes.
     """
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Iterator,
@@ -58,6 +68,7 @@ class Trainer:
                  max_iter: int, steps=None, evaluate: Optional[Callable] = None, eval_period: Optional[int] = None,
                  ema=None):
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
+        self.train_model = dist.wrap_model(model, device)
         self.step_fn, self.checkpointer, self.writer, self.device = step_fn, checkpointer, writer, device
         self.max_iter, self.steps, self.evaluate, self.ema = max_iter, steps, evaluate, ema
         self.eval_period = eval_period
@@ -68,9 +79,17 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
 
     def save(self, name: str, iteration: int) -> str:
+        """Called by every process: rank 0 writes the checkpoint, with each rank's RNG state."""
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        self.last_checkpoint = self.checkpointer.save(name, self.model, iteration, self.optimizer, self.scaler,
-                                                      **extra)
+        if dist.world_size() > 1:
+            rngs = dist.gather_to_main(rng_state())
+            if rngs is not None:
+                extra["rng_ranks"] = rngs
+        if dist.is_main():
+            self.last_checkpoint = self.checkpointer.save(name, self.model, iteration, self.optimizer,
+                                                          self.scaler, **extra)
+        else:
+            self.last_checkpoint = self.checkpointer.path(name)
         return self.last_checkpoint
 
     def restore(self, state: Dict):
@@ -78,6 +97,13 @@ class Trainer:
         from the same checkpoint `state` (nothing when it is empty: a fresh run)."""
         if not state:
             return
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == dist.world_size():
+            set_rng_state(ranks[dist.rank()])
+        elif ranks is not None or dist.world_size() > 1:
+            logger.warning("%s was saved by %d process(es) and is resumed by %d: the random streams (RPN and "
+                           "RoI sampling) continue differently than they would have", state.get("path"),
+                           len(ranks) if ranks is not None else 1, dist.world_size())
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
@@ -97,21 +123,30 @@ class Trainer:
             try:
                 self._train(start_iter, stop)
             except RuntimeError as e:
+                kept = self.last_checkpoint or "none saved yet"
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 # How torch.utils.data reports a worker process that died (killed, out of memory): raised
                 # by the next batch, or by its SIGCHLD handler wherever the main process is.
-                if "DataLoader worker" not in str(e):
-                    raise
-                kept = self.last_checkpoint or "none saved yet"
-                raise TrainingError(f"iteration {self.iteration}: a data loader worker died "
-                                    f"({str(e).splitlines()[0]}); training stopped, the last checkpoint is kept "
-                                    f"({kept}); continue with --resume, with fewer data.num_workers if memory "
-                                    "ran out") from e
+                if "DataLoader worker" in str(e):
+                    raise TrainingError(f"iteration {self.iteration}: a data loader worker died ({first_line}); "
+                                        f"training stopped, the last checkpoint is kept ({kept}); continue with "
+                                        "--resume, with fewer data.num_workers if memory ran out") from e
+                if dist.is_peer_failure(e):
+                    # gloo: "[.../pair.cc:561] Connection closed by peer [addr]:port. This is typically ..."
+                    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]
+                    raise TrainingError(f"iteration {self.iteration}: another process of the distributed run "
+                                        f"stopped answering ({reason}); training stopped, the last checkpoint is "
+                                        f"kept ({kept}); torchrun names the process that failed first. Continue "
+                                        "with --resume") from e
+                raise
 
     def _train(self, start_iter: int, stop: "StopSignals"):
         s = self.cfg.solver
         period = self.cfg.test.eval_period if self.eval_period is None else self.eval_period
         self.model.train()
-        with tqdm(total=self.max_iter, initial=start_iter, desc="train", dynamic_ncols=True, disable=None) as bar:
+        self._stop, self.stop_signum = stop, 0
+        with tqdm(total=self.max_iter, initial=start_iter, desc="train", dynamic_ncols=True,
+                  disable=None if dist.is_main() else True) as bar:
             t_data = time.perf_counter()
             for it in range(start_iter, self.max_iter):
                 self.iteration = it
@@ -132,20 +167,22 @@ class Trainer:
                     self.save(f"model_{done:07d}.pth", done)
                 if done < self.max_iter and period > 0 and done % period == 0 and self.evaluate is not None:
                     self.run_evaluation(done)
-                if stop.signum is not None and done < self.max_iter:
+                signum = stop.signum if dist.world_size() == 1 else self.stop_signum
+                if signum and done < self.max_iter:
                     name = f"model_{done:07d}.pth"
                     path = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.endswith(name) \
                         else self.save(name, done)
-                    raise TrainingInterrupted(f"{signal.Signals(stop.signum).name} at iteration {done} of "
+                    dist.barrier()  # no process exits before rank 0 has written the checkpoint
+                    raise TrainingInterrupted(f"{signal.Signals(signum).name} at iteration {done} of "
                                               f"{self.max_iter}; checkpoint {path} saved, continue with --resume",
-                                              stop.signum)
+                                              signum)
                 t_data = time.perf_counter()
 
     def run_step(self, it: int, batch) -> Dict[str, float]:
         s = self.cfg.solver
         with amp_context(self.device, s.amp, s.amp_dtype):
-            losses = self.step_fn(self.model, batch)
-        values = {k: float(v.detach()) for k, v in losses.items()}
+            losses = self.step_fn(self.train_model, batch)
+        values = self.agree(losses)
         if not all(math.isfinite(v) for v in values.values()):
             kept = self.last_checkpoint or "none saved yet"
             raise TrainingError(f"iteration {it}: loss is not finite ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); "
@@ -163,11 +200,34 @@ class Trainer:
             self.ema.update(self.model)
         return values
 
+    def agree(self, losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """The losses averaged over the processes. With several processes it also sets `stop_signum`: the
+        signal that reached any of them by now (0: none). One all-reduce, before backward, so that all stop
+        at the same iteration and none is left waiting in DistributedDataParallel's gradient all-reduce."""
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if dist.world_size() == 1:
+            return values
+        seen = self._stop.signum or 0
+        packed = torch.tensor([*values.values(), seen != 0], dtype=torch.float64, device=self.device)
+        summed = dist.all_reduce_sum(packed).tolist()
+        self.stop_signum = seen or (signal.SIGTERM if summed[-1] else 0)
+        return {k: v / dist.world_size() for k, v in zip(values, summed[:-1])}
+
     def run_evaluation(self, iteration: int) -> Dict:
         metrics = self.evaluate(self.model)
         self.model.train()
         self.writer.write({"iter": iteration, **flat_metrics(metrics)}, prefix="val")
         return metrics
+
+
+def close_run(writer: MetricsWriter, plot: Optional[Callable] = None):
+    """The end of a training run, however it ended: close the metrics files and, on rank 0, draw the curves
+    (`plot(history)`). SIGTERM and SIGINT are held off meanwhile: when a process of a torchrun job fails,
+    torchrun sends SIGTERM to the others while they clean up, and their error reports must still come out."""
+    with StopSignals():
+        writer.close()
+        if plot is not None and dist.is_main():
+            plot(writer.history)
 
 
 class StopSignals:

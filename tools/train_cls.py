@@ -5,11 +5,13 @@ data.val every epoch.
     python tools/train_cls.py configs/demo/cls_shapes.yaml output_dir=output/cls solver.epochs=5
     python tools/train_cls.py CONFIG --resume          # continue from output_dir/last_checkpoint
     python tools/train_cls.py CONFIG --eval-only       # evaluate model.weights or the run's last weights
+    torchrun --nproc_per_node=8 tools/train_cls.py CONFIG  # 8 GPUs (solver.ims_per_batch is the total)
 """
 import sys
 
 from engine.cli import parser_for, run
 from engine.config import load_config
+from engine.distributed import is_main
 
 
 def main(argv=None):
@@ -24,6 +26,8 @@ def main(argv=None):
     from engine.classification import evaluate_only, train_classifier
 
     metrics = evaluate_only(cfg) if args.eval_only else train_classifier(cfg, resume=args.resume)
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
     print(f"wrote {cfg.output_dir}/metrics.json")
 

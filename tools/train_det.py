@@ -4,11 +4,13 @@
     python tools/train_det.py configs/demo/frcnn_shapes.yaml output_dir=output/shapes solver.max_iter=500
     python tools/train_det.py CONFIG --resume           # continue from output_dir/last_checkpoint
     python tools/train_det.py CONFIG --eval-only        # evaluate model.weights or the run's last weights
+    torchrun --nproc_per_node=8 tools/train_det.py CONFIG   # 8 GPUs (solver.ims_per_batch is the total)
 """
 import sys
 
 from engine.cli import parser_for, run
 from engine.config import load_config
+from engine.distributed import is_main
 
 
 def main(argv=None):
@@ -23,6 +25,8 @@ def main(argv=None):
     from detection.train import evaluate_only, train_detector
 
     reports = evaluate_only(cfg) if args.eval_only else train_detector(cfg, resume=args.resume)
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     for iou_type, report in reports.items():
         print(f"{iou_type} " + "  ".join(f"{k} {v:.2f}" for k, v in report.metrics.items()))
     print(f"wrote {cfg.output_dir}/metrics.json")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Sampler
 
 from engine.data.samplers import sample_seed
+from engine.distributed import shard
 
 
 class TrainingSampler(Sampler):
@@ -74,11 +75,7 @@ class InferenceSampler(Sampler):
     by at most one), so gathered results come back in dataset order."""
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"InferenceSampler: rank {rank} is not in [0, world_size={world_size})")
-        share, extra = divmod(size, world_size)
-        start = rank * share + min(rank, extra)
-        self.indices = range(start, start + share + (rank < extra))
+        self.indices = shard(size, rank, world_size)
 
     def __iter__(self):
         return iter(self.indices)

@@ -34,15 +34,24 @@ def seed_compose(compose, seed: int):
 class EpochBatchSampler(Sampler):
     """Endless batches of `batch_size` (index, augmentation seed) pairs over `size` items, epoch after
     epoch; `start_batch` skips the batches a resumed run has trained on (only indices are drawn, nothing is
-    decoded)."""
+    decoded).
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0):
+    With `world_size` processes, `batch_size` is the total and process `rank` gets its contiguous slice of
+    each batch: together the processes train on exactly the batches, and augmentations, of a
+    single-process run with the same seed."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
+                 world_size: int = 1):
         if batch_size <= 0:
             raise ValueError(f"EpochBatchSampler: batch_size must be positive, got {batch_size}")
         if size < batch_size:
             raise ValueError(f"EpochBatchSampler: {size} items do not fill one batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"EpochBatchSampler: batch_size {batch_size} is not divisible by {world_size} processes")
         self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
         self.batches_per_epoch = size // batch_size
+        per = batch_size // world_size
+        self.slice = range(rank * per, (rank + 1) * per)
 
     def epoch_order(self, epoch: int) -> List[int]:
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
@@ -53,6 +62,6 @@ class EpochBatchSampler(Sampler):
         for epoch in itertools.count(first_epoch):
             order = self.epoch_order(epoch)
             for b in range(skip, self.batches_per_epoch):
-                positions = range(b * self.batch_size, (b + 1) * self.batch_size)
+                positions = [b * self.batch_size + i for i in self.slice]
                 yield [(order[i], sample_seed(self.seed, epoch, i)) for i in positions]
             skip = 0

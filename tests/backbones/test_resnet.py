@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 from backbones import FrozenBatchNorm2d, ResNet
+from backbones.norms import SyncBatchNorm2d
 from backbones.resnet import Projection, ZeroPadShortcut
 from engine.errors import ConfigError
 
@@ -48,7 +49,7 @@ def test_stride_in_1x1_moves_the_stride_and_matches_original_flops():
 
 
 @pytest.mark.parametrize("norm,cls", [("BN", nn.BatchNorm2d), ("FrozenBN", FrozenBatchNorm2d),
-                                      ("SyncBN", nn.SyncBatchNorm), ("GN", nn.GroupNorm)])
+                                      ("SyncBN", SyncBatchNorm2d), ("GN", nn.GroupNorm)])
 def test_norm_choices(norm, cls):
     model = ResNet(18, 10, norm=norm)
     assert isinstance(model.stem.norm1, cls) and isinstance(model.res4[1].norm2, cls)

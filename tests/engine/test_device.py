@@ -5,7 +5,7 @@ import torch
 from backbones.build import build_classifier
 from engine.classification import classification_step
 from engine.config import Config
-from engine.device import memory_format, pin_memory, training_device
+from engine.device import memory_format, pin_memory, setup_device
 from tests.detection.test_rpn_roi_heads import _batch, _targets, small_model
 
 
@@ -44,6 +44,6 @@ def test_channels_last_classifier_step_equals_nchw():
 def test_cuda_only_switches_are_off_on_the_cpu():
     cfg = Config.from_dict({"device": "cpu", "cudnn_benchmark": True})
     before = torch.backends.cudnn.benchmark
-    assert training_device(cfg).type == "cpu" and torch.backends.cudnn.benchmark == before
+    assert setup_device(cfg).type == "cpu" and torch.backends.cudnn.benchmark == before
     assert cfg.data.pin_memory and not pin_memory(cfg)
     assert memory_format(cfg) == torch.contiguous_format
