@@ -10,7 +10,8 @@ logger = logging.getLogger("engine")
 
 
 def setup_logging(output_dir: str):
-    """INFO and above to stderr and to `output_dir/log.txt` (appended, so a resumed run keeps its history).
+    """INFO and above to stderr and to `output_dir/log.txt` (appended, so a resumed run keeps its history;
+    a previous run's log.txt in the same process stops receiving).
     In a distributed run only rank 0 does this; the other ranks print warnings and errors, marked with
     their rank, to stderr."""
     from engine import distributed as dist
@@ -32,9 +33,15 @@ def setup_logging(output_dir: str):
         console.setFormatter(fmt)
         root.addHandler(console)
     path = os.path.abspath(os.path.join(output_dir, "log.txt"))
+    # One run's log.txt at a time: a process that trains twice (the demo: classifier, then detector) must
+    # not keep writing the second run into the first one's log.
+    for handler in [h for h in root.handlers if getattr(h, "run_log", False) and h.baseFilename != path]:
+        root.removeHandler(handler)
+        handler.close()
     if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(fmt)
+        handler.run_log = True
         root.addHandler(handler)
 
 

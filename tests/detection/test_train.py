@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from detection.data.synthetic import CATEGORIES, make_coco_split
-from tests.conftest import REPO
+from tests.conftest import REPO, run_tool
 
 TINY = {
     "_base_": str(REPO / "configs/_base_/models/faster_rcnn_fpn.yaml"),
@@ -49,9 +49,9 @@ def write_cfg(shapes, path, **extra):
     return path
 
 
-def train(*args, env=None):
-    return subprocess.run([sys.executable, "tools/train_det.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=env)
+def train(capsys, *args):
+    """tools/train_det.py in this process (tests.conftest.run_tool)."""
+    return run_tool(capsys, "train_det.py", *args)
 
 
 def final_weights(out):
@@ -62,7 +62,9 @@ def final_weights(out):
 def full_run(shapes, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cfg = write_cfg(shapes, root / "cfg.yaml")
-    result = train(cfg, f"output_dir={root / 'out'}")
+    # A real `python tools/train_det.py`: the command line end to end (the other tests run it in-process).
+    result = subprocess.run([sys.executable, "tools/train_det.py", str(cfg), f"output_dir={root / 'out'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return root, cfg, result
 
@@ -88,57 +90,60 @@ def test_training_writes_every_output(full_run):
     assert saved["solver"]["max_iter"] == 6 and saved["output_dir"] == str(out)
 
 
-def test_resume_gives_the_uninterrupted_weights(full_run, shapes, tmp_path):
+def test_resume_gives_the_uninterrupted_weights(full_run, shapes, tmp_path, capsys):
     root, cfg, _ = full_run
     out = tmp_path / "out"
-    first = train(cfg, f"output_dir={out}", "solver.max_iter=6", "solver.checkpoint_period=3")
+    first = train(capsys, cfg, f"output_dir={out}", "solver.max_iter=6", "solver.checkpoint_period=3")
     assert first.returncode == 0
+    # The uninterrupted run's weights, from this process like the resumed run's (full_run's subprocess may
+    # use another number of intra-op threads, and so round differently).
+    expected = final_weights(out)
     # Pretend the run died after its checkpoint at iteration 3: point last_checkpoint back at it.
     (out / "last_checkpoint").write_text("model_0000003.pth")
     (out / "model_final.pth").unlink()
-    resumed = train(cfg, f"output_dir={out}", "--resume")
+    resumed = train(capsys, cfg, f"output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (out / "log.txt").read_text()
-    expected, got = final_weights(root / "out"), final_weights(out)
+    got = final_weights(out)
     for key in expected:  # bitwise: same seed, same worker count, CPU
         assert torch.equal(got[key], expected[key]), key
     its = [json.loads(l)["iter"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert its == [0, 1, 3, 5]  # iterations redone after the checkpoint are not logged twice
 
 
-def test_eval_only_reproduces_the_final_metrics(full_run):
+def test_eval_only_reproduces_the_final_metrics(full_run, capsys):
     root, cfg, _ = full_run
     out = root / "out"
     before = json.loads((out / "metrics.json").read_text())
-    result = train(cfg, f"output_dir={out}", "--eval-only")
+    result = train(capsys, cfg, f"output_dir={out}", "--eval-only")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text()) == before
 
 
-def test_nan_loss_stops_with_a_message(shapes, tmp_path):
+def test_nan_loss_stops_with_a_message(shapes, tmp_path, capsys):
     cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
-    result = train(cfg, f"output_dir={tmp_path / 'out'}", "solver.base_lr=1e12", "solver.warmup_iters=0")
+    result = train(capsys, cfg, f"output_dir={tmp_path / 'out'}", "solver.base_lr=1e12", "solver.warmup_iters=0")
     assert result.returncode == 2
     assert "error: iteration" in result.stderr and "loss is not finite" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_missing_dataset_is_one_clear_error(shapes, tmp_path):
+def test_missing_dataset_is_one_clear_error(shapes, tmp_path, capsys, monkeypatch):
     cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
-    result = train(cfg, f"output_dir={tmp_path / 'out'}", f"data.train.ann_file={tmp_path / 'nope.json'}")
+    result = train(capsys, cfg, f"output_dir={tmp_path / 'out'}", f"data.train.ann_file={tmp_path / 'nope.json'}")
     assert result.returncode == 2
     assert "data.train.ann_file" in result.stderr and "nope.json" in result.stderr
     assert "Traceback" not in result.stderr
-    # A COCO config on a machine without COCO.
-    result = train(REPO / "configs/frcnn_r50.yaml", f"output_dir={tmp_path / 'coco'}",
-                   env={**os.environ, "DATASETS": str(tmp_path / "no_datasets")})
+    # A COCO config on a machine without COCO (configs expand ${DATASETS} when they are loaded).
+    monkeypatch.setenv("DATASETS", str(tmp_path / "no_datasets"))
+    result = train(capsys, REPO / "configs/frcnn_r50.yaml", f"output_dir={tmp_path / 'coco'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'no_datasets'}/coco/annotations/instances_train2017.json" in result.stderr
     assert "data.train.ann_file" in result.stderr
 
 
 @pytest.mark.slow
-def test_overfits_real_coco_images(shared_data, tmp_path):
+def test_overfits_real_coco_images(shared_data, tmp_path, capsys):
     """The whole pipeline on real data: 128 COCO images (train = val), a short CPU schedule; the loss
     falls and the model finds some of the objects it was trained on."""
     root = shared_data / "coco128"
@@ -155,7 +160,7 @@ def test_overfits_real_coco_images(shared_data, tmp_path):
                        "checkpoint_period": 1000, "log_period": 10, "warmup_iters": 20},
                test={"eval_period": 0})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    result = train(tmp_path / "cfg.yaml", f"output_dir={tmp_path / 'out'}")
+    result = train(capsys, tmp_path / "cfg.yaml", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     losses = [json.loads(l)["loss"] for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
@@ -163,7 +168,7 @@ def test_overfits_real_coco_images(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_the_current_iteration_and_resume_continues(shapes, tmp_path, signum):
+def test_signal_saves_the_current_iteration_and_resume_continues(shapes, tmp_path, signum, capsys):
     cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
     out = tmp_path / "out"
     args = [sys.executable, "tools/train_det.py", str(cfg), f"output_dir={out}", "solver.max_iter=500",
@@ -184,7 +189,7 @@ def test_signal_saves_the_current_iteration_and_resume_continues(shapes, tmp_pat
     name = f"model_{done:07d}.pth"
     assert (out / "last_checkpoint").read_text().strip() == name
     assert torch.load(out / name, weights_only=True)["iteration"] == done
-    resumed = train(cfg, f"output_dir={out}", f"solver.max_iter={done + 1}", "solver.checkpoint_period=0",
+    resumed = train(capsys, cfg, f"output_dir={out}", f"solver.max_iter={done + 1}", "solver.checkpoint_period=0",
                     "test.eval_period=0", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / name} at iteration {done}" in (out / "log.txt").read_text()

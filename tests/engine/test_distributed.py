@@ -140,3 +140,11 @@ def test_reference_world_size_keeps_the_images_per_process():
     assert off.solver.ims_per_batch == 16
     with pytest.raises(ConfigError, match="not divisible by solver.reference_world_size=3"):
         scale_to_world_size(solver_cfg(reference_world_size=3), 2)
+
+
+def test_detection_batch_must_divide_between_processes():
+    from detection.data.build import build_detection_train_loader
+
+    cfg = Config.from_dict({"solver": {"ims_per_batch": 4}})
+    with pytest.raises(ConfigError, match="ims_per_batch=4 is not divisible by the 3 processes"):
+        build_detection_train_loader(cfg, rank=0, world_size=3)

@@ -1,6 +1,7 @@
 """The shared training loop and its checkpoints, on a toy model (the detection trainer's end-to-end runs
 are in tests/detection/test_train.py)."""
 import json
+import logging
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from engine.checkpoint import LAST_CHECKPOINT, Checkpointer, load_checkpoint_file
 from engine.config import Config
 from engine.errors import CheckpointError, TrainingError
-from engine.events import MetricsWriter
+from engine.events import MetricsWriter, setup_logging
 from engine.trainer import Trainer, flat_metrics
 
 
@@ -168,6 +169,26 @@ def test_periodic_evaluation_is_logged(tmp_path):
     assert trainer.model.training
     evals = [h for h in trainer.writer.history if "bbox/AP" in h]
     assert [h["iter"] for h in evals] == [2, 4] and flat_metrics({"a": {"b": 1}}) == {"a/b": 1.0}
+
+
+def test_each_run_logs_into_its_own_log_txt(tmp_path):
+    """Two runs in one process (the demo: classifier, then detector): the second run's lines go to its
+    own log.txt only."""
+    root = logging.getLogger()
+    before = root.handlers[:]
+    try:
+        setup_logging(tmp_path / "first")
+        logging.getLogger("engine").info("first run")
+        setup_logging(tmp_path / "second")
+        logging.getLogger("engine").info("second run")
+        first, second = ((tmp_path / d / "log.txt").read_text() for d in ("first", "second"))
+        assert "first run" in first and "second run" not in first
+        assert "second run" in second and "first run" not in second
+    finally:
+        for handler in root.handlers:
+            if handler not in before:
+                handler.close()
+        root.handlers = before
 
 
 def test_metrics_writer_drops_redone_iterations_on_resume(tmp_path):

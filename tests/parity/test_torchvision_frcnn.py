@@ -2,8 +2,6 @@
 our model and tools/infer.py (issue criterion: >= 98% of torchvision's detections matched by one of ours
 with IoU > 0.99, the same category and a score within 1e-3)."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torchvision
 from torchvision.ops import box_iou
 
 from engine.data.decode import read_image
-from tests.conftest import REPO
+from tests.conftest import REPO, run_tool
 
 CONFIG = REPO / "configs" / "torchvision" / "frcnn_r50_fpn.yaml"
 
@@ -67,26 +65,24 @@ def both_on(tv, results, path):
                     "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long), "entries": mine}
 
 
-def convert_and_infer(tv, config, images, tmp_path):
+def convert_and_infer(capsys, tv, config, images, tmp_path):
     """torchvision model -> state dict file -> tools/convert_weights.py -> tools/infer.py on `images`:
     the results.json entries, and the output folder."""
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    conv = subprocess.run([sys.executable, "tools/convert_weights.py", "--from", "torchvision",
-                           tmp_path / "tv.pth", tmp_path / "ours.pth"], cwd=REPO, capture_output=True, text=True)
+    conv = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "ours.pth")
     assert conv.returncode == 0, conv.stderr
     out = tmp_path / "infer"
-    result = subprocess.run([sys.executable, "tools/infer.py", config, "--weights", tmp_path / "ours.pth",
-                             "--input", *images, "--output", out, "device=cpu"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = run_tool(capsys, "infer.py", config, "--weights", tmp_path / "ours.pth", "--input", *images,
+                      "--output", out, "device=cpu")
     assert result.returncode == 0, result.stderr
     return json.loads((out / "results.json").read_text()), out
 
 
 @pytest.mark.slow
-def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path):
+def test_infer_tool_reproduces_torchvision_detections(shared_data, tmp_path, capsys):
     tv = random_torchvision_frcnn(score_scale=30.0)
     images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:3]
-    ours, out = convert_and_infer(tv, CONFIG, images, tmp_path)
+    ours, out = convert_and_infer(capsys, tv, CONFIG, images, tmp_path)
     total = matched = 0
     spread = []
     for path in images:

@@ -14,10 +14,10 @@ CONFIG = REPO / "configs" / "torchvision" / "mrcnn_r50_fpn.yaml"
 
 
 @pytest.mark.slow
-def test_infer_tool_reproduces_torchvision_masks(shared_data, tmp_path):
+def test_infer_tool_reproduces_torchvision_masks(shared_data, tmp_path, capsys):
     tv = random_torchvision_frcnn(score_scale=30.0, model_class=torchvision.models.detection.MaskRCNN)
     images = sorted((shared_data / "tiny_coco" / "val2017").glob("*.jpg"))[:2]
-    ours, _ = convert_and_infer(tv, CONFIG, images, tmp_path)
+    ours, _ = convert_and_infer(capsys, tv, CONFIG, images, tmp_path)
     total = matched = 0
     ious = []
     for path in images:

@@ -1,18 +1,14 @@
-import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_tool
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def eval_det(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "eval_det.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+def eval_det(capsys, *args):
+    return run_tool(capsys, "eval_det.py", *args)
 
 
 def write_config(tmp_path, ann_file):
@@ -22,7 +18,7 @@ def write_config(tmp_path, ann_file):
     return path
 
 
-def test_eval_det_results_file(shared_data, tmp_path):
+def test_eval_det_results_file(shared_data, tmp_path, capsys):
     ann_file = shared_data / "tiny_coco" / "annotations" / "instances_val2017.json"
     gt = json.loads(ann_file.read_text())
     # Perfect boxes for the first 10 images only: evaluated over all 50, so AP is well below 100.
@@ -31,7 +27,7 @@ def test_eval_det_results_file(shared_data, tmp_path):
                for a in gt["annotations"] if not a["iscrowd"] and a["image_id"] in first]
     (tmp_path / "r.json").write_text(json.dumps(results))
     # The override comes after --results: the form the usage line shows.
-    result = eval_det(write_config(tmp_path, ann_file), "--results", tmp_path / "r.json",
+    result = eval_det(capsys, write_config(tmp_path, ann_file), "--results", tmp_path / "r.json",
                       "test.evaluator_backend=faster_coco_eval")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
@@ -47,10 +43,10 @@ def test_eval_det_results_file(shared_data, tmp_path):
     assert f"bbox AP {metrics['bbox']['AP']:.3f}" in result.stdout
 
 
-def test_eval_det_missing_ann_file(tmp_path):
+def test_eval_det_missing_ann_file(tmp_path, capsys):
     (tmp_path / "r.json").write_text("[]")
     missing = tmp_path / "no" / "instances_val2017.json"
-    result = eval_det(write_config(tmp_path, missing), "--results", tmp_path / "r.json")
+    result = eval_det(capsys, write_config(tmp_path, missing), "--results", tmp_path / "r.json")
     assert result.returncode == 2
     assert str(missing) in result.stderr and "data.val.ann_file" in result.stderr
     assert "Traceback" not in result.stderr
@@ -58,10 +54,5 @@ def test_eval_det_missing_ann_file(tmp_path):
 
 @pytest.mark.parametrize("args", [["--results", "r.json", "--weights", "w.pth"], []])
 def test_eval_det_needs_results_or_weights(tmp_path, args, capsys):
-    # In-process: argparse's own exit, and a subprocess would spend seconds importing torch.
-    spec = importlib.util.spec_from_file_location("eval_det", REPO / "tools" / "eval_det.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    with pytest.raises(SystemExit) as e:
-        tool.main([str(write_config(tmp_path, "x.json")), *args])
-    assert e.value.code == 2 and "--results" in capsys.readouterr().err
+    result = eval_det(capsys, write_config(tmp_path, "x.json"), *args)
+    assert result.returncode == 2 and "usage:" in result.stderr and "--results" in result.stderr  # argparse's exit

@@ -1,7 +1,5 @@
 """tools/infer.py and tools/eval_det.py --weights end to end, on a small detector and synthetic images."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from pycocotools.cocoeval import COCOeval
 from backbones.weights import save_weights
 from detection import build_detector
 from detection.data.synthetic import CATEGORIES, make_coco_split
-from tests.conftest import REPO
+from tests.conftest import REPO, run_tool
 
 SMALL = {
     "model": {"backbone": {"depth": 18, "norm": "BN", "freeze_at": 0, "weights": None},
@@ -40,13 +38,9 @@ def small_setup(tmp_path_factory):
     return root
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def test_eval_det_weights_matches_pycocotools(small_setup):
+def test_eval_det_weights_matches_pycocotools(small_setup, capsys):
     root = small_setup
-    result = run("tools/eval_det.py", root / "cfg.yaml", "--weights", root / "w.pth")
+    result = run_tool(capsys, "eval_det.py", root / "cfg.yaml", "--weights", root / "w.pth")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((root / "out" / "metrics.json").read_text())
     assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -59,14 +53,14 @@ def test_eval_det_weights_matches_pycocotools(small_setup):
     assert (root / "out" / "config.yaml").is_file()
 
 
-def test_infer_names_bad_files_and_goes_on(small_setup, tmp_path):
+def test_infer_names_bad_files_and_goes_on(small_setup, tmp_path, capsys):
     root = small_setup
     good = sorted((root / "val").glob("*.png"))[0]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "out"
-    result = run("tools/infer.py", root / "cfg.yaml", "--weights", root / "w.pth", "--input", good,
-                 tmp_path / "missing.png", corrupt, "--output", out, "test.score_thresh=0.0")
+    result = run_tool(capsys, "infer.py", root / "cfg.yaml", "--weights", root / "w.pth", "--input", good,
+                      tmp_path / "missing.png", corrupt, "--output", out, "test.score_thresh=0.0")
     assert result.returncode == 1
     assert "missing.png" in result.stderr and "corrupt.jpg" in result.stderr and "Traceback" not in result.stderr
     results = json.loads((out / "results.json").read_text())
@@ -75,9 +69,9 @@ def test_infer_names_bad_files_and_goes_on(small_setup, tmp_path):
     assert (out / f"{good.stem}.png").is_file()
 
 
-def test_weights_that_do_not_fit_are_named(small_setup, tmp_path):
+def test_weights_that_do_not_fit_are_named(small_setup, tmp_path, capsys):
     root = small_setup
-    result = run("tools/infer.py", root / "cfg.yaml", "--weights", root / "w.pth", "--input",
-                 sorted((root / "val").glob("*.png"))[0], "--output", tmp_path, "model.num_classes=5")
+    result = run_tool(capsys, "infer.py", root / "cfg.yaml", "--weights", root / "w.pth", "--input",
+                      sorted((root / "val").glob("*.png"))[0], "--output", tmp_path, "model.num_classes=5")
     assert result.returncode == 2
     assert "roi_heads.predictor.cls_score.weight: file (4, 64) vs model (6, 64)" in result.stderr

@@ -2,8 +2,6 @@
 segm AP of a model's detections equal to pycocotools', masks drawn; with a stand-in model that returns
 ground-truth-based detections, and end to end with a small Mask R-CNN."""
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -19,7 +17,7 @@ import detection.inference as inference
 from detection.data.synthetic import CATEGORIES, make_coco_split
 from detection.inference import binary_masks, evaluate_detector, infer_files, to_coco_results
 from engine.config import Config
-from tests.conftest import REPO
+from tests.conftest import REPO, run_tool
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -136,7 +134,7 @@ def test_infer_files_writes_and_draws_masks(shapes, tmp_path, monkeypatch):
     assert (drawn[inside] != image[inside]).any(axis=-1).mean() > 0.5  # the mask is tinted
 
 
-def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path):
+def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path, capsys):
     root, ann = shapes
     cfg = {"_base_": str(REPO / "configs/_base_/models/faster_rcnn_fpn.yaml"),
            "model": {"name": "mask_rcnn", "backbone": {"depth": 18, "norm": "BN", "freeze_at": 0, "weights": None},
@@ -153,10 +151,7 @@ def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path):
         model.roi_heads.predictor.cls_score.weight.mul_(50)
     save_weights(str(tmp_path / "w.pth"), model.state_dict())
 
-    def run(*args):
-        return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-    result = run("tools/eval_det.py", tmp_path / "cfg.yaml", "--weights", tmp_path / "w.pth")
+    result = run_tool(capsys, "eval_det.py", tmp_path / "cfg.yaml", "--weights", tmp_path / "w.pth")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(metrics) == ["bbox", "segm"]
@@ -168,8 +163,8 @@ def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path):
     assert metrics["segm"]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
 
     image = sorted((root / "val").glob("*.png"))[0]
-    result = run("tools/infer.py", tmp_path / "cfg.yaml", "--weights", tmp_path / "w.pth", "--input", image,
-                 "--output", tmp_path / "infer")
+    result = run_tool(capsys, "infer.py", tmp_path / "cfg.yaml", "--weights", tmp_path / "w.pth", "--input", image,
+                      "--output", tmp_path / "infer")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "infer" / "results.json").read_text())
     assert results and all(mask_utils.decode(r["segmentation"]).shape == (96, 128) for r in results)

@@ -1,30 +1,22 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import REPO, randomize_norms
+from tests.conftest import randomize_norms, run_tool
 
 
-def run_tool(name, *args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-def test_model_stats_resnet50_matches_paper():
-    result = run_tool("model_stats.py", "resnet50")
+def test_model_stats_resnet50_matches_paper(capsys):
+    result = run_tool(capsys, "model_stats.py", "resnet50")
     assert result.returncode == 0, result.stderr
     total = [l for l in result.stdout.splitlines() if l.startswith("total")][0].split()
     assert total[1] == "25,557,032"
     assert float(total[3]) == pytest.approx(3.8, rel=0.1)  # Table 1: 3.8 x 10^9 multiply-adds
 
 
-def test_model_stats_config_and_fpn_rows():
-    result = run_tool("model_stats.py", "configs/backbones/r50_fpn.yaml", "model.backbone.depth=101",
+def test_model_stats_config_and_fpn_rows(capsys):
+    result = run_tool(capsys, "model_stats.py", "configs/backbones/r50_fpn.yaml", "model.backbone.depth=101",
                       "--input-size", "256", "320")
     assert result.returncode == 0, result.stderr
     rows = {l.split()[0]: l.split() for l in result.stdout.splitlines()[2:]}
@@ -32,16 +24,16 @@ def test_model_stats_config_and_fpn_rows():
     assert float(rows["output_convs"][2]) > 0
 
 
-def test_model_stats_unknown_name():
-    result = run_tool("model_stats.py", "resnet51")
+def test_model_stats_unknown_name(capsys):
+    result = run_tool(capsys, "model_stats.py", "resnet51")
     assert result.returncode == 2 and "unknown model 'resnet51'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_convert_weights_cli(tmp_path):
+def test_convert_weights_cli(tmp_path, capsys):
     tv = randomize_norms(torchvision.models.resnet34()).eval()
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    result = run_tool("convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "ours.pth")
+    result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "ours.pth")
     assert result.returncode == 0, result.stderr
     import backbones
     from backbones.weights import load_state_dict, read_weights
@@ -53,21 +45,19 @@ def test_convert_weights_cli(tmp_path):
         assert torch.allclose(ours(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_convert_weights_cli_bad_file(tmp_path):
+def test_convert_weights_cli_bad_file(tmp_path, capsys):
     (tmp_path / "bad.pth").write_text("not weights")
-    result = run_tool("convert_weights.py", "--from", "torchvision", tmp_path / "bad.pth", tmp_path / "o.pth")
+    result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "bad.pth", tmp_path / "o.pth")
     assert result.returncode == 2 and "bad.pth" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_demo_pipeline_on_a_tiny_run(tmp_path):
+def test_demo_pipeline_on_a_tiny_run(tmp_path, capsys):
     """`make demo` end to end, shortened: data, training, evaluation, drawings, loss curve, the table."""
-    result = subprocess.run([sys.executable, "tools/demo.py", "--output", str(tmp_path), "--train-images", "16",
-                             "--val-images", "4", "--train-crops", "4", "--val-crops", "2",
-                             "--cls", "solver.ims_per_batch=4", "--cls", "solver.epochs=1", "--cls",
-                             "solver.warmup_iters=1", "--cls", "data.num_workers=0",
-                             "solver.max_iter=2", "solver.warmup_iters=1",
-                             "solver.checkpoint_period=0", "data.num_workers=0"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_tool(capsys, "demo.py", "--output", tmp_path, "--train-images", "16", "--val-images", "4",
+                      "--train-crops", "4", "--val-crops", "2", "--cls", "solver.ims_per_batch=4", "--cls",
+                      "solver.epochs=1", "--cls", "solver.warmup_iters=1", "--cls", "data.num_workers=0",
+                      "solver.max_iter=2", "solver.warmup_iters=1", "solver.checkpoint_period=0",
+                      "data.num_workers=0")
     assert result.returncode == 0, result.stderr
     det = tmp_path / "det"
     for name in ("metrics.json", "loss_curve.png", "model_final.pth", "config.yaml", "vis/results.json"):

@@ -1,7 +1,6 @@
 """tools/train_cls.py end to end on synthetic crops: training with the classification options,
 --eval-only, errors without tracebacks, and backbone.pth converted for torchvision."""
 import json
-import runpy
 import subprocess
 import sys
 
@@ -13,17 +12,8 @@ import yaml
 from backbones.build import build_classifier
 from backbones.weights import load_state_dict, read_weights
 from detection.data.synthetic import make_crops
-from engine.cli import run
 from engine.config import load_config
-from tests.conftest import REPO
-
-
-def call(capsys, name, *args):
-    """A tool in this process: what `python tools/NAME ARGS` runs, minus the interpreter's start-up."""
-    main = runpy.run_path(str(REPO / "tools" / name))["main"]
-    code = run(main, list(map(str, args)))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import REPO, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +31,7 @@ def cli_run(tmp_path_factory):
     path = root / "cls.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = root / "out"
+    # A real `python tools/train_cls.py`: the command line end to end (the other tests run tools in-process).
     result = subprocess.run([sys.executable, "tools/train_cls.py", str(path), f"output_dir={out}"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -64,29 +55,29 @@ def test_eval_only_writes_the_same_metrics(cli_run, capsys):
     path, out, _ = cli_run
     trained = json.loads((out / "metrics.json").read_text())
     (out / "metrics.json").unlink()
-    code, stdout, err = call(capsys, "train_cls.py", path, f"output_dir={out}", "--eval-only")  # evaluates model_final.pth
-    assert code == 0, err
+    result = run_tool(capsys, "train_cls.py", path, f"output_dir={out}", "--eval-only")  # evaluates model_final.pth
+    assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text()) == trained
-    assert f"top-1 {trained['top1']:.2f}%" in stdout
+    assert f"top-1 {trained['top1']:.2f}%" in result.stdout
 
 
 def test_errors_are_one_line_and_exit_2(cli_run, capsys, tmp_path):
     path, _, _ = cli_run
-    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'a'}", "data.train.root=null")
-    assert code == 2 and err.startswith("error: config key 'data.train.root' is not set")
-    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'b'}", "--resume")
-    assert code == 2 and "nothing to resume" in err
-    code, _, err = call(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'c'}", "--eval-only")
-    assert code == 2 and "--eval-only needs weights" in err
-    code, _, err = call(capsys, "train_cls.py", path, "solver.labelsmoothing=0.1")
-    assert code == 2 and "did you mean 'solver.label_smoothing'" in err
-    assert "Traceback" not in err
+    result = run_tool(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'a'}", "data.train.root=null")
+    assert result.returncode == 2 and result.stderr.startswith("error: config key 'data.train.root' is not set")
+    result = run_tool(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'b'}", "--resume")
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+    result = run_tool(capsys, "train_cls.py", path, f"output_dir={tmp_path / 'c'}", "--eval-only")
+    assert result.returncode == 2 and "--eval-only needs weights" in result.stderr
+    result = run_tool(capsys, "train_cls.py", path, "solver.labelsmoothing=0.1")
+    assert result.returncode == 2 and "did you mean 'solver.label_smoothing'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_backbone_converts_to_torchvision(cli_run, capsys, tmp_path):
     path, out, _ = cli_run
-    code, _, err = call(capsys, "convert_weights.py", "--to", "torchvision", out / "backbone.pth", tmp_path / "tv.pth")
-    assert code == 0, err
+    result = run_tool(capsys, "convert_weights.py", "--to", "torchvision", out / "backbone.pth", tmp_path / "tv.pth")
+    assert result.returncode == 0, result.stderr
     tv = torchvision.models.resnet18(num_classes=3)
     tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=True)
     ours = build_classifier(load_config(path))
