@@ -37,12 +37,10 @@ Training (`train_network`), as in the paper where a short run allows it:
   how its curves were measured, and a separate pass would cost another epoch of forward passes. Test
   error is a full pass over the test set in evaluation mode after each epoch.
 """
-import io
 import json
 import logging
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -55,6 +53,7 @@ from backbones.cifar import cifar_resnet
 from engine.config import Config
 from engine.device import resolve_device
 from engine.errors import ConfigError, DatasetError, TrainingError
+from engine.pickles import restricted_load
 from engine.seeding import seed_everything
 from engine.solver import build_optimizer, check_steps, lr_at
 
@@ -140,54 +139,9 @@ def load_cifar(path: str) -> DegradationData:
                        "(train/<class>/*.png and test/<class>/*.png)")
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data only: numbers, str, bytes, lists, tuples, dicts and numpy arrays.
-
-    A pickle can call any importable function while it loads (`os.system` included); this one resolves
-    only the handful of numpy globals that rebuild an array and its dtype, and refuses anything else by
-    name before it is called.
-    """
-
-    ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode  # how protocol-2 pickles written by Python 3 store bytes
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise DatasetError(f"refusing to unpickle {module}.{name}: only numpy arrays, bytes, str, "
-                           "numbers, lists and dicts are allowed in a data file")
-
-
-def _latin1_encode(text, encoding="utf-8"):
-    if encoding not in ("latin1", "latin-1"):
-        raise DatasetError(f"refusing to unpickle _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-def restricted_load(path: str):
-    """The object pickled in `path`, built by `RestrictedUnpickler` (bytes keys as the CIFAR files have:
-    they were written by Python 2, so their str objects are read as bytes)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except DatasetError as e:
-        raise DatasetError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            OverflowError) as e:
-        raise DatasetError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
-
-
 def _read_cifar_batch(path: str) -> ImageSet:
-    batch = restricted_load(path)
+    # Written by Python 2: its str objects are read as bytes, the keys are b"data" and b"labels".
+    batch = restricted_load(path, DatasetError, encoding="bytes")
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     labels = batch.get(b"labels", batch.get("labels")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or labels is None:
