@@ -21,6 +21,6 @@ setup(
         "scikit-learn",  # the handwritten digits of tools/degradation.py
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "timm>=0.9"],
     },
 )

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 # model.backbone keys that are ResNet constructor arguments (the rest: depth, weights, out_features).
 RESNET_OPTIONS = ("groups", "width_per_group", "norm", "num_groups", "freeze_at", "stride_in_1x1",
-                  "zero_init_residual", "dilation", "shortcut", "plain")
+                  "zero_init_residual", "dilation", "shortcut", "plain", "stem_type", "avg_down")
 
 
 def resnet_options(backbone_cfg) -> dict:

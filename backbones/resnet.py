@@ -17,6 +17,7 @@ from .base import Backbone, ShapeSpec
 from .norms import FrozenBatchNorm2d, get_norm
 
 SHORTCUTS = ("A", "B", "C")
+STEM_TYPES = ("basic", "deep")
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
@@ -38,18 +39,27 @@ class ZeroPadShortcut(nn.Module):
 
 
 class Projection(nn.Module):
-    """Options B and C: a strided 1x1 convolution and a norm (Eq. 2, W_s)."""
+    """Options B and C: a strided 1x1 convolution and a norm (Eq. 2, W_s).
 
-    def __init__(self, in_channels, out_channels, stride, norm, num_groups):
+    With `avg_down`, a 2x2 average pool does the striding and the 1x1 has stride 1 (ResNet-D, He et al.
+    2019 "Bag of Tricks", Sec. 4.1, Fig. 2c): a strided 1x1 ignores three quarters of its input.
+    """
+
+    def __init__(self, in_channels, out_channels, stride, norm, num_groups, avg_down=False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        pool = avg_down and stride > 1
+        # ceil_mode as in timm's ResNet-D: an odd size H gives ceil(H / 2), as the strided 3x3 of the block.
+        self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if pool else None
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=1 if pool else stride, bias=False)
         self.norm = get_norm(norm, out_channels, num_groups)
 
     def forward(self, x):
+        if self.pool is not None:
+            x = self.pool(x)
         return self.norm(self.conv(x))
 
 
-def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_groups):
+def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_groups, avg_down=False):
     """None means identity (or, for plain networks, no shortcut at all; the block checks `plain`)."""
     if plain:
         return None
@@ -57,7 +67,7 @@ def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_
         raise ConfigError(f"unknown shortcut option {shortcut!r}; valid values: A, B, C")
     shape_changes = in_channels != out_channels or stride != 1
     if shortcut == "C" or (shortcut == "B" and shape_changes):
-        return Projection(in_channels, out_channels, stride, norm, num_groups)
+        return Projection(in_channels, out_channels, stride, norm, num_groups, avg_down)
     if shortcut == "A" and shape_changes:
         return ZeroPadShortcut(in_channels, out_channels, stride)
     return None
@@ -70,7 +80,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, *, stride=1, dilation=1, first_dilation=None,
                  groups=1, width_per_group=64, stride_in_1x1=False, norm="BN", num_groups=32,
-                 shortcut="B", plain=False):
+                 shortcut="B", plain=False, avg_down=False):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ConfigError("BasicBlock (ResNet-18/34, CIFAR) supports only groups=1 and "
@@ -84,7 +94,7 @@ class BasicBlock(nn.Module):
                                bias=False)
         self.norm2 = get_norm(norm, out_channels, num_groups)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm,
-                                      num_groups)
+                                      num_groups, avg_down)
 
     @property
     def last_norm(self):
@@ -109,7 +119,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, in_channels, out_channels, *, stride=1, dilation=1, first_dilation=None,
                  groups=1, width_per_group=64, stride_in_1x1=False, norm="BN", num_groups=32,
-                 shortcut="B", plain=False):
+                 shortcut="B", plain=False, avg_down=False):
         super().__init__()
         first_dilation = first_dilation or dilation
         planes = out_channels // self.expansion
@@ -125,7 +135,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.norm3 = get_norm(norm, out_channels, num_groups)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm,
-                                      num_groups)
+                                      num_groups, avg_down)
 
     @property
     def last_norm(self):
@@ -160,6 +170,27 @@ DEPTHS = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
+
+
+def make_stem(stem_type: str, in_channels: int, norm: str, num_groups: int) -> nn.Sequential:
+    """Stride 4 and 64 channels: the paper's 7x7 convolution ("basic"), or three 3x3 convolutions of 32,
+    32 and 64 channels ("deep": ResNet-C and -D of He et al. 2019 "Bag of Tricks", Sec. 4.1, Fig. 2b).
+    Then a 3x3 max pool."""
+    if stem_type not in STEM_TYPES:
+        raise ConfigError(f"unknown stem_type {stem_type!r}; valid values: {', '.join(STEM_TYPES)}")
+    layers = OrderedDict()
+    if stem_type == "basic":
+        layers["conv1"] = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        layers["norm1"] = get_norm(norm, 64, num_groups)
+    else:
+        for i, (c_in, c_out, stride) in enumerate([(in_channels, 32, 2), (32, 32, 1), (32, 64, 1)], start=1):
+            layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+            layers[f"norm{i}"] = get_norm(norm, c_out, num_groups)
+            if i < 3:
+                layers[f"relu{i}"] = nn.ReLU(inplace=True)
+    layers["relu"] = nn.ReLU(inplace=True)
+    layers["pool"] = nn.MaxPool2d(3, stride=2, padding=1)
+    return nn.Sequential(layers)
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool):
@@ -207,6 +238,8 @@ class ResNet(Backbone):
         shortcut: the paper's option "A" (zero-padded identity), "B" (projections where the shape
             changes) or "C" (projections everywhere).
         plain: no shortcuts at all (the paper's plain baselines).
+        stem_type: "basic" (one 7x7 convolution) or "deep" (three 3x3 convolutions, ResNet-C/D).
+        avg_down: projection shortcuts average-pool, then apply a stride-1 1x1 (ResNet-D).
         out_features: stages returned in backbone mode; stages past the last one are not built.
     """
 
@@ -215,7 +248,7 @@ class ResNet(Backbone):
                  freeze_at: int = 0, stride_in_1x1: bool = False, zero_init_residual: bool = False,
                  dilation: Sequence[bool] = (False, False, False), shortcut: str = "B",
                  plain: bool = False, out_features: Optional[Sequence[str]] = None,
-                 in_channels: int = 3):
+                 in_channels: int = 3, stem_type: str = "basic", avg_down: bool = False):
         super().__init__()
         if depth not in DEPTHS:
             raise ConfigError(f"unknown ResNet depth {depth!r}; valid depths: "
@@ -230,18 +263,17 @@ class ResNet(Backbone):
             raise ConfigError(f"unknown out_features {unknown}; valid: stem, {', '.join(STAGE_NAMES)}")
         if not 0 <= freeze_at <= 5:
             raise ConfigError(f"freeze_at must be 0 (nothing) .. 5 (stem and res2-res5), got {freeze_at}")
+        if avg_down and (plain or shortcut == "A"):
+            raise ConfigError("avg_down pools in projection shortcuts, and "
+                              f"{'plain networks have no shortcuts' if plain else 'shortcut A has none'}; "
+                              "use shortcut B or C")
         block, stage_blocks = DEPTHS[depth]
         self.depth = depth
         self.in_channels = in_channels
         self.out_features = out_features
         self.num_classes = num_classes
 
-        self.stem = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
-            norm1=get_norm(norm, 64, num_groups),
-            relu=nn.ReLU(inplace=True),
-            pool=nn.MaxPool2d(3, stride=2, padding=1),
-        ))
+        self.stem = make_stem(stem_type, in_channels, norm, num_groups)
         self._shapes = {"stem": ShapeSpec(64, 4)}
 
         # Build stages up to the last one used (a C4 backbone needs no res5).
@@ -250,7 +282,7 @@ class ResNet(Backbone):
         channels, stride, current_dilation = 64, 4, 1
         block_kwargs = dict(groups=groups, width_per_group=width_per_group,
                             stride_in_1x1=stride_in_1x1, norm=norm, num_groups=num_groups,
-                            shortcut=shortcut, plain=plain)
+                            shortcut=shortcut, plain=plain, avg_down=avg_down)
         self.stage_names = []
         for i in range(needed):
             name = STAGE_NAMES[i]

@@ -4,6 +4,7 @@ Files are read with `torch.load(weights_only=True)`: tensors and plain container
 pickled objects. Loading reports missing and unexpected keys by name; a shape mismatch is an error.
 The project's checkpoint format is `{"model": state_dict, "meta": {...}}`; a bare state dict also loads.
 """
+import inspect
 import logging
 import os
 import re
@@ -15,6 +16,8 @@ from torch import nn
 
 from engine.checkpoint import atomic_torch_save, safe_torch_load
 from engine.errors import CheckpointError
+
+from .resnet import DEPTHS, STAGE_NAMES, BasicBlock, Bottleneck, ResNet
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,114 @@ def to_torchvision_resnet(state_dict):
     return converted
 
 
+# timm's ResNet family (timm.models.resnet) keeps torchvision's names where the networks agree. Its deep stem
+# (ResNet-C/D) is a Sequential `conv1` (conv, BN, ReLU, conv, BN, ReLU, conv) whose last norm keeps the name
+# bn1; its ResNet-D shortcut is `downsample` = (AvgPool2d, 1x1 conv, BN).
+TIMM_DEEP_STEM_KEYS = [
+    ("conv1.0.", "stem.conv1."),
+    ("conv1.1.", "stem.norm1."),
+    ("conv1.3.", "stem.conv2."),
+    ("conv1.4.", "stem.norm2."),
+    ("conv1.6.", "stem.conv3."),
+    ("bn1.", "stem.norm3."),
+]
+TIMM_AVG_DOWN_KEYS = [
+    ("layer{s}.{b}.downsample.1.", "res{r}.{b}.shortcut.conv."),
+    ("layer{s}.{b}.downsample.2.", "res{r}.{b}.shortcut.norm."),
+]
+# What timm ResNets have and this one does not, by a part of their keys: refused, never dropped.
+TIMM_UNSUPPORTED = {
+    ".se.": "squeeze-and-excitation or ECA attention (timm's seresnet*, ecaresnet*, resnetrs*)",
+    "maxpool.": "a convolution in place of the stem's max pool (timm's resnetrs*)",
+}
+
+
+def timm_resnet_keys(deep_stem: bool, avg_down: bool):
+    """TORCHVISION_RESNET_KEYS with the rows of timm's deep stem and average-pool shortcut in place of
+    the rows of the parts they replace."""
+    replaced = ("conv1.", "bn1.") if deep_stem else ()
+    if avg_down:
+        replaced += ("layer{s}.{b}.downsample.0.", "layer{s}.{b}.downsample.1.")
+    return ((TIMM_DEEP_STEM_KEYS if deep_stem else []) + (TIMM_AVG_DOWN_KEYS if avg_down else []) +
+            [row for row in TORCHVISION_RESNET_KEYS if row[0] not in replaced])
+
+
+def resnet_config(state_dict) -> dict:
+    """The `ResNet` arguments of the network a state dict in our names is from: depth, num_classes (None
+    without a classifier), groups, width_per_group, norm (GN where there are no running statistics)
+    and stem_type. GN's num_groups (32 in timm), dilation, stride_in_1x1 and avg_down change no tensor's
+    name or shape, so no state dict tells them."""
+    blocks = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"{stage}.")})
+                   for stage in STAGE_NAMES)
+    block = Bottleneck if "res2.0.conv3.weight" in state_dict else BasicBlock
+    depth = next((d for d, (b, n) in DEPTHS.items() if b is block and tuple(n) == blocks), None)
+    if depth is None:
+        known = ", ".join(f"{d}: {n}" for d, (b, n) in DEPTHS.items() if b is block)
+        raise CheckpointError(f"{block.__name__} blocks {blocks} in res2..res5: no depth of this ResNet has "
+                              f"them ({known})")
+    # res2's 3x3 is (width, width / groups, 3, 3), and its width is groups x width_per_group.
+    conv2 = state_dict["res2.0.conv2.weight"]
+    groups = conv2.shape[0] // conv2.shape[1]
+    fc = state_dict.get("fc.weight")
+    return dict(depth=depth, num_classes=None if fc is None else len(fc),
+                groups=groups, width_per_group=conv2.shape[0] // groups,
+                norm="BN" if any(k.endswith(".running_mean") for k in state_dict) else "GN",
+                stem_type="deep" if "stem.conv3.weight" in state_dict else "basic")
+
+
+def config_overrides(config: dict) -> str:
+    """`resnet_config`'s arguments as the config overrides that build that ResNet (defaults left out)."""
+    defaults = {name: p.default for name, p in inspect.signature(ResNet).parameters.items()}
+    settings = [f"model.backbone.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for k, v in config.items() if k == "depth" or (k != "num_classes" and v != defaults[k])]
+    return " ".join(settings + [f"model.num_classes={config['num_classes']}" if config["num_classes"]
+                                else "(no classifier: a backbone)"])
+
+
+def from_timm_resnet(state_dict) -> "Conversion":
+    """A timm ResNet, ResNeXt or Wide ResNet state dict in our names, the 7x7 stem or ResNet-C/D (deep
+    stem, average-pool shortcuts). What this ResNet cannot compute is refused and named: attention, other
+    stems, depths it does not have. Anti-aliasing (timm's resnetaa*, resnetblur*) leaves no tensor in
+    the file, so it cannot be detected: such a file converts, and our network computes something else."""
+    deep_stem = "conv1.0.weight" in state_dict
+    if "layer1.0.conv2.weight" not in state_dict or not (deep_stem or "conv1.weight" in state_dict):
+        raise CheckpointError("not a timm ResNet state dict (that has 'layer1.0.conv2.weight', and "
+                              "'conv1.weight' or a deep stem's 'conv1.0.weight'); keys start with "
+                              f"{sorted(state_dict)[:5]}")
+    if deep_stem:
+        widths = [len(state_dict[f"conv1.{i}.weight"]) if f"conv1.{i}.weight" in state_dict else None
+                  for i in (0, 3, 6)]
+        if widths != [32, 32, 64]:
+            raise CheckpointError(
+                f"timm deep stem of {widths} channels (conv1.0, conv1.3, conv1.6) is not supported by this "
+                "backbone, whose stem_type=deep has [32, 32, 64] (timm's resnet*c, resnet*d); [24, 32, 64] "
+                "is timm's tiered stem (resnet*t), [64, 64, 128] its resnet*s")
+    avg_down = any(re.match(r"layer\d+\.\d+\.downsample\.2\.", k) for k in state_dict)
+    table = timm_resnet_keys(deep_stem, avg_down)
+    converted, skipped = convert_keys(state_dict, table)
+    if skipped:
+        kinds = [what for part, what in TIMM_UNSUPPORTED.items() if any(part in k for k in skipped)]
+        raise CheckpointError(
+            f"timm ResNet with {len(skipped)} tensors this backbone has no module for "
+            f"({'; '.join(kinds) or 'unknown layers'}): {', '.join(skipped[:8])}"
+            f"{', ...' if len(skipped) > 8 else ''}; refused, since the network without them computes "
+            "something else")
+    config = dict(resnet_config(converted), avg_down=avg_down)
+    settings = config_overrides(config)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        target = ResNet(**config)
+    fit = check_fit(target.state_dict(), converted, f"timm ResNet ({settings})")
+    if fit.missing or fit.unexpected:
+        problems = []
+        for keys, what in ((fit.missing, "missing"), (fit.unexpected, "with no place in it")):
+            theirs = list(convert_keys(dict.fromkeys(keys), table, reverse=True)[0])  # named as in the file
+            if theirs:
+                problems.append(f"{len(theirs)} {what}: {', '.join(theirs[:8])}{', ...' * (len(theirs) > 8)}")
+        raise CheckpointError(f"timm ResNet that does not fit the network its tensors describe ({settings}); "
+                              + "; ".join(problems))
+    return Conversion(converted, f"timm's ResNet, for {settings}")
+
+
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
     """The state dict stored in `path` (our checkpoint format or a bare state dict)."""
     obj = safe_torch_load(path, "weights file")
@@ -120,9 +231,9 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def load_state_dict(module: nn.Module, state_dict, source: str = "weights") -> LoadReport:
-    """Load what fits, report the rest by name, and refuse shape mismatches (naming every one)."""
-    own = module.state_dict()
+def check_fit(own: Dict[str, torch.Tensor], state_dict, source: str = "weights") -> LoadReport:
+    """Which tensors of `state_dict` a model whose state dict is `own` would load, which it lacks and
+    which it has no place for; a shape mismatch is an error naming every one."""
     # BatchNorm's step counter has no effect on the output and FrozenBN does not keep one.
     state_dict = {k: v for k, v in state_dict.items()
                   if not (k.endswith("num_batches_tracked") and k not in own)}
@@ -131,23 +242,54 @@ def load_state_dict(module: nn.Module, state_dict, source: str = "weights") -> L
     if mismatched:
         raise CheckpointError(f"{source} does not fit the model; shape mismatches:\n  " +
                               "\n  ".join(mismatched))
-    report = LoadReport(
+    return LoadReport(
         loaded=[k for k in state_dict if k in own],
         missing=[k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")],
         unexpected=[k for k in state_dict if k not in own],
     )
+
+
+def load_state_dict(module: nn.Module, state_dict, source: str = "weights") -> LoadReport:
+    """Load what fits, report the rest by name, and refuse shape mismatches (naming every one)."""
+    report = check_fit(module.state_dict(), state_dict, source)
     module.load_state_dict(state_dict, strict=False)
     logger.info("%s: %s", source, report.summary())
     return report
 
 
-def convert_file(in_path: str, out_path: str, converter, into_project_format: bool):
-    """Read `in_path`, rename its keys with `converter`, write `out_path`: in the project's checkpoint
-    format, or as the bare state dict other frameworks expect. Returns the number of tensors written."""
-    converted = converter(read_weights(in_path))
+@dataclass
+class Conversion:
+    """What a converter made of a state dict: the tensors to write, what the file was and is for, and the
+    tensors it left out or filled in, grouped by the reason."""
+    state_dict: Dict[str, torch.Tensor]
+    what: str = ""
+    skipped: Dict[str, List[str]] = field(default_factory=dict)  # reason -> input keys not written
+    added: Dict[str, List[str]] = field(default_factory=dict)  # reason -> written keys the input lacks
+
+    def summary(self, source: str, target: str) -> str:
+        """One line of counts, then one line per reason naming every skipped key (added ones are counted)."""
+        added, skipped = (sum(map(len, d.values())) for d in (self.added, self.skipped))
+        line = f"converted {len(self.state_dict) - added} tensors"
+        if added or skipped:
+            line += f" ({added} added, {skipped} skipped)"
+        lines = [line + (f" of {self.what}" if self.what else "") + f": {source} -> {target}"]
+        lines += [f"  added {len(keys)}: {reason}" for reason, keys in self.added.items()]
+        lines += [f"  skipped {len(keys)}: {reason}: {', '.join(keys)}" for reason, keys in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def convert_file(in_path: str, out_path: str, converter, into_project_format: bool) -> Conversion:
+    """Read `in_path`, rename its keys with `converter` (which returns a state dict or a `Conversion`),
+    write `out_path`: in the project's checkpoint format, or as the bare state dict other frameworks expect."""
+    try:
+        conversion = converter(read_weights(in_path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{in_path}: {e}") from None
+    if not isinstance(conversion, Conversion):
+        conversion = Conversion(conversion)
     if into_project_format:
-        save_weights(out_path, converted, {"source": os.path.basename(in_path)})
+        save_weights(out_path, conversion.state_dict, {"source": os.path.basename(in_path)})
     else:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        torch.save(converted, out_path)
-    return len(converted)
+        torch.save(conversion.state_dict, out_path)
+    return conversion

@@ -3,14 +3,16 @@ from typing import Dict
 
 import torch
 
-from backbones.weights import (TORCHVISION_RESNET_KEYS, convert_keys, from_torchvision_resnet,
-                               to_torchvision_resnet)
+from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys,
+                               from_timm_resnet, from_torchvision_resnet, to_torchvision_resnet)
 from engine.errors import CheckpointError
 
 # ResNet body under "backbone.body." (theirs) / "backbone.bottom_up." (ours), minus the classifier.
 _BODY = [(f"backbone.body.{tv}", f"backbone.bottom_up.{ours}") for tv, ours in TORCHVISION_RESNET_KEYS
          if not tv.startswith("fc.")]
 
+# Where several rules name the same key of ours, the first is torchvision's current layout: `convert_keys`
+# takes the first rule that matches, so `reverse=True` writes the current layout.
 TORCHVISION_DETECTION_KEYS = _BODY + [
     ("backbone.fpn.inner_blocks.{i}.0.", "backbone.lateral_convs.{i}."),
     ("backbone.fpn.layer_blocks.{i}.0.", "backbone.output_convs.{i}."),
@@ -34,23 +36,90 @@ TORCHVISION_DETECTION_KEYS = _BODY + [
 ]
 
 
+# torchvision's detectors built without weights use BatchNorm2d, which keeps a step counter; built around
+# pretrained weights they use FrozenBatchNorm2d, which drops one on load. Ours freeze their norms.
+_COUNTER = ".num_batches_tracked"
+_COUNTERS_IN = "BatchNorm step counters (our detectors' FrozenBN keeps none; they do not change outputs)"
+_COUNTERS_OUT = ("BatchNorm step counters, zero (torchvision's model built without weights has BatchNorm2d, "
+                 "which keeps one; its FrozenBatchNorm2d drops them on load)")
+
+
 def from_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A torchvision Faster/Mask R-CNN R50-FPN state dict (either layout) in our names, less `_COUNTER`s."""
     if "backbone.body.conv1.weight" not in state_dict:
         raise CheckpointError("not a torchvision detection state dict (no 'backbone.body.conv1.weight'); "
                               f"keys start with {sorted(state_dict)[:5]}")
-    converted, skipped = convert_keys(state_dict, TORCHVISION_DETECTION_KEYS)
+    weights = {k: v for k, v in state_dict.items() if not k.endswith(_COUNTER)}
+    converted, skipped = convert_keys(weights, TORCHVISION_DETECTION_KEYS)
     if skipped:
         raise CheckpointError(f"torchvision detection keys that no rule converts: {skipped[:10]}")
     return converted
 
 
-def from_torchvision(state_dict):
+def from_torchvision(state_dict) -> Conversion:
     """A torchvision ResNet classifier or detector, whichever the keys say it is."""
     if "backbone.body.conv1.weight" in state_dict:
-        return from_torchvision_detector(state_dict)
-    return from_torchvision_resnet(state_dict)
+        counters = [k for k in state_dict if k.endswith(_COUNTER)]
+        return Conversion(from_torchvision_detector(state_dict), "torchvision's detector",
+                          skipped={_COUNTERS_IN: counters} if counters else {})
+    return Conversion(from_torchvision_resnet(state_dict), "torchvision's ResNet")
+
+
+def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, torch.Tensor]:
+    """The state dict of torchvision's `builder`(weights=None, ...) as shapes only (meta tensors)."""
+    from torchvision.models import detection  # 2 s to import; only this conversion needs it
+
+    with torch.device("meta"):
+        model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
+    return model.state_dict()
+
+
+def _names(keys, most=10):
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
+    """Our R50-FPN Faster R-CNN or Mask R-CNN in torchvision's current names: loads with strict=True into
+    fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K)."""
+    kind = "Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state_dict) else "Faster R-CNN"
+    classifier = state_dict.get("roi_heads.predictor.cls_score.weight")
+    if classifier is None:
+        raise CheckpointError(f"our {kind} without 'roi_heads.predictor.cls_score.weight': torchvision's "
+                              "detectors need a box classifier of that name")
+    builder = {"Faster R-CNN": "fasterrcnn_resnet50_fpn", "Mask R-CNN": "maskrcnn_resnet50_fpn"}[kind]
+    target = f"torchvision's {builder}(weights=None, weights_backbone=None, num_classes={len(classifier)})"
+    # torchvision's model in our names, so that every problem is named as the file names it.
+    expected, _ = convert_keys(_torchvision_detector_shapes(builder, len(classifier)), TORCHVISION_DETECTION_KEYS)
+    source = f"our {kind}, converted for {target},"
+    fit = check_fit(expected, state_dict, source)  # a shape mismatch is an error naming every one
+    problems = [f"{len(keys)} {what}: {_names(keys)}" for what, keys in
+                [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
+                if keys]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model, the ResNet-50-FPN detector torchvision builds "
+                              "(3 anchors a location, 2-fc box head, 4-conv mask head without norm, a mask a "
+                              "class): " + "; ".join(problems))
+    counters = [k for k in expected if k.endswith(_COUNTER) and k not in state_dict]
+    ordered = {k: state_dict[k] if k in state_dict else torch.zeros((), dtype=torch.long) for k in expected}
+    converted, _ = convert_keys(ordered, TORCHVISION_DETECTION_KEYS, reverse=True)
+    return Conversion(converted, f"our {kind}, loadable with strict=True into {target}",
+                      added={_COUNTERS_OUT: counters} if counters else {})
+
+
+def to_torchvision(state_dict) -> Conversion:
+    """Our detector or ResNet classifier in torchvision's names, whichever the keys say it is."""
+    if any(k.startswith("backbone.bottom_up.") for k in state_dict):
+        return to_torchvision_detector(state_dict)
+    if any(k.startswith(("stem.", "res2.")) for k in state_dict):
+        return Conversion(to_torchvision_resnet(state_dict), "our ResNet classifier")
+    if "backbone.body.conv1.weight" in state_dict or "layer1.0.conv1.weight" in state_dict:
+        found = "it is in torchvision's names already (convert it with --from torchvision)"
+    else:
+        found = f"its keys start with {sorted(state_dict)[:5]}"
+    raise CheckpointError("neither our detector ('backbone.bottom_up.' keys) nor our ResNet classifier "
+                          f"('stem.', 'res2.' keys): {found}")
 
 
 # tools/convert_weights.py: --from FORMAT and --to FORMAT.
-CONVERTERS_IN = {"torchvision": from_torchvision}
-CONVERTERS_OUT = {"torchvision": to_torchvision_resnet}
+CONVERTERS_IN = {"torchvision": from_torchvision, "timm": from_timm_resnet}
+CONVERTERS_OUT = {"torchvision": to_torchvision}

@@ -71,6 +71,11 @@ SCHEMA: dict = {
             "dilation": Opt(list, [False, False, False], elem=bool, help="dilate, not stride, in res3, res4, res5"),
             "shortcut": Opt(str, "B", choices=("A", "B", "C"), help="shortcut option of He et al. 2016, Table 3"),
             "plain": Opt(bool, False, help="drop the shortcuts (the 'plain' networks of He et al. 2016)"),
+            "stem_type": Opt(str, "basic", choices=("basic", "deep"),
+                             help="'basic': one 7x7 conv; 'deep': three 3x3 convs of 32, 32, 64 channels "
+                                  "(ResNet-C/D, He et al. 2019 'Bag of Tricks'; timm's resnet50c/d)"),
+            "avg_down": Opt(bool, False, help="projection shortcuts: 2x2 average pool, then a stride-1 1x1 "
+                                              "(ResNet-D; timm's resnet50d)"),
             "out_features": Opt(list, ["res2", "res3", "res4", "res5"], elem=str, help="stages the backbone returns"),
             "weights": Opt((str, None), None, help="checkpoint for the backbone only; null: random init"),
         },

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from backbones.norms import FrozenBatchNorm2d
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -23,10 +25,11 @@ def shared_data():
 
 
 def randomize_norms(model, seed=0):
-    """Non-trivial BN statistics and affine parameters, so a wrong mapping of any of them shows."""
+    """Non-trivial BN statistics and affine parameters (BatchNorm's and our FrozenBN's), so a wrong mapping
+    of any of them shows."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
             n = m.num_features
             m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
             m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)

@@ -2,7 +2,9 @@
 
     python tools/convert_weights.py --from torchvision resnet50-tv.pth resnet50.pth
     python tools/convert_weights.py --from torchvision fasterrcnn_resnet50_fpn.pth frcnn_r50_fpn.pth
+    python tools/convert_weights.py --from timm resnet50d-timm.pth resnet50d.pth
     python tools/convert_weights.py --to torchvision output/cls/backbone.pth resnet50-tv.pth
+    python tools/convert_weights.py --to torchvision output/frcnn_r50/model_final.pth fasterrcnn-tv.pth
 """
 import sys
 
@@ -20,10 +22,11 @@ def main(argv=None):
     parser.add_argument("output")
     args = parser.parse_args(argv)
     if args.from_format:
-        n = convert_file(args.input, args.output, CONVERTERS_IN[args.from_format], into_project_format=True)
+        converter, into_project_format = CONVERTERS_IN[args.from_format], True
     else:
-        n = convert_file(args.input, args.output, CONVERTERS_OUT[args.to_format], into_project_format=False)
-    print(f"converted {n} tensors: {args.input} -> {args.output}")
+        converter, into_project_format = CONVERTERS_OUT[args.to_format], False
+    conversion = convert_file(args.input, args.output, converter, into_project_format)
+    print(conversion.summary(args.input, args.output))
 
 
 if __name__ == "__main__":

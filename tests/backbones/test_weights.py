@@ -33,8 +33,8 @@ def test_torchvision_conversion_gives_same_logits(name):
 def test_convert_file_round_trip(tmp_path):
     tv = randomize_norms(torchvision.models.resnet18())
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    n = convert_file(str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth"), from_torchvision_resnet, True)
-    assert n == len(tv.state_dict())
+    conversion = convert_file(str(tmp_path / "tv.pth"), str(tmp_path / "ours.pth"), from_torchvision_resnet, True)
+    assert len(conversion.state_dict) == len(tv.state_dict())
     ours = backbones.resnet18()
     report = load_state_dict(ours, read_weights(str(tmp_path / "ours.pth")))
     assert not report.missing and not report.unexpected

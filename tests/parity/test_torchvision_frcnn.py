@@ -46,6 +46,20 @@ def matches(theirs, ours):
     return (iou > 0.99) & same & close
 
 
+def mask_ious(theirs, mine):
+    """IoU of each matched pair's binary masks (torchvision's thresholded at 0.5, ours decoded from the
+    RLE of our results entries, `mine["entries"]`)."""
+    from pycocotools import mask as mask_utils
+
+    their_masks = (theirs["masks"][:, 0] >= 0.5).numpy()
+    ious = []
+    for i, j in torch.nonzero(matches(theirs, mine)).tolist():
+        a, b = their_masks[i], mask_utils.decode(mine["entries"][j]["segmentation"]).astype(bool)
+        union = (a | b).sum()
+        ious.append((a & b).sum() / union if union else 1.0)
+    return ious
+
+
 def match_fraction(theirs, ours):
     if len(theirs["boxes"]) == 0:
         return 1.0 if len(ours["boxes"]) == 0 else 0.0

@@ -3,12 +3,11 @@ and masks through our model and tools/infer.py (issue criteria: >= 98% of torchv
 matched as for Faster R-CNN, and the matched binary masks with mean IoU >= 0.98)."""
 import numpy as np
 import pytest
-import torch
 import torchvision
-from pycocotools import mask as mask_utils
 
 from tests.conftest import REPO
-from tests.parity.test_torchvision_frcnn import both_on, convert_and_infer, matches, random_torchvision_frcnn
+from tests.parity.test_torchvision_frcnn import (both_on, convert_and_infer, mask_ious, matches,
+                                                 random_torchvision_frcnn)
 
 CONFIG = REPO / "configs" / "torchvision" / "mrcnn_r50_fpn.yaml"
 
@@ -26,11 +25,8 @@ def test_infer_tool_reproduces_torchvision_masks(shared_data, tmp_path, capsys):
         good = matches(theirs, mine)
         total += len(good)
         matched += int(good.any(dim=1).sum())
+        ious += mask_ious(theirs, mine)
         their_masks = (theirs["masks"][:, 0] >= 0.5).numpy()
-        for i, j in torch.nonzero(good).tolist():
-            a, b = their_masks[i], mask_utils.decode(mine["entries"][j]["segmentation"]).astype(bool)
-            union = (a | b).sum()
-            ious.append((a & b).sum() / union if union else 1.0)
         nonempty = their_masks.reshape(len(their_masks), -1).any(axis=1).mean()
         assert nonempty > 0.5, "most masks must be non-empty for the comparison to mean something"
     assert matched / total >= 0.98, f"{matched}/{total} torchvision detections matched"
