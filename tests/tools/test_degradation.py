@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.degradation import CIFAR_BATCHES, CIFAR_TEST_BATCH, augment, load_cifar, load_digits, run_degradation
-from engine.errors import ConfigError, DatasetError
+from engine.errors import ConfigError
 from tests.conftest import REPO
 
 
