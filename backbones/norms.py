@@ -78,13 +78,12 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, x):
-        import torch.distributed as dist
+        from engine.distributed import all_reduce_sum_differentiable as all_reduce, world_size
 
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training or world_size() == 1:
             return super().forward(x)
         if x.device.type != "cpu":
             return nn.SyncBatchNorm.forward(self, x)
-        from engine.distributed import all_reduce_sum_differentiable as all_reduce
 
         self._check_input_dim(x)
         channels = x.shape[1]

@@ -17,9 +17,8 @@ from engine.data.paths import require_path
 from engine.device import setup_device
 from engine.errors import ConfigError
 from engine.events import MetricsWriter, plot_losses, setup_logging
-from engine.seeding import seed_everything
-from engine.solver import build_optimizer, check_steps, scale_to_world_size
-from engine.trainer import FINAL, Trainer, close_run, flat_metrics, weights_to_evaluate
+from engine.solver import build_optimizer, check_steps
+from engine.trainer import FINAL, Trainer, close_run, start_run, flat_metrics, weights_to_evaluate
 
 from .build import build_detector, load_detector_weights
 from .data.build import build_detection_train_loader
@@ -57,13 +56,8 @@ def train_detector(cfg, resume: bool = False):
     for split in ("train", "val"):
         require_path(cfg.data[split].ann_file, f"data.{split}.ann_file", f"{split} annotation file")
         require_path(cfg.data[split].img_dir, f"data.{split}.img_dir", f"{split} image directory", folder=True)
-    device = setup_device(cfg)
-    setup_logging(out)
-    # Each process its own random stream (RPN and RoI sampling); DistributedDataParallel starts every
-    # process from rank 0's initial weights.
-    seed_everything(cfg.seed + dist.rank())
+    device = start_run(cfg)
     s = cfg.solver
-    scale_to_world_size(cfg, dist.world_size())
     check_steps(s, s.max_iter)
     model = build_detector(cfg).to(device)
     # The data pipeline resizes training images (albumentations, in the loader's workers).

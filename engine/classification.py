@@ -36,9 +36,9 @@ from engine.device import memory_format, pin_memory, setup_device
 from engine.ema import ModelEMA
 from engine.errors import CheckpointError, ConfigError
 from engine.events import MetricsWriter, setup_logging
-from engine.seeding import seed_everything, seed_worker
-from engine.solver import build_optimizer, check_steps, scale_to_world_size
-from engine.trainer import FINAL, Trainer, close_run, weights_to_evaluate
+from engine.seeding import seed_worker
+from engine.solver import build_optimizer, check_steps
+from engine.trainer import FINAL, Trainer, close_run, start_run, weights_to_evaluate
 
 logger = logging.getLogger("engine")
 
@@ -175,10 +175,7 @@ def train_classifier(cfg, resume: bool = False) -> dict:
     """Train, evaluating on data.val every epoch. Returns the final {"top1", "top5"} (percent)."""
     out, s = cfg.output_dir, cfg.solver
     check_cls_config(cfg)
-    device = setup_device(cfg)
-    setup_logging(out)
-    seed_everything(cfg.seed + dist.rank())
-    scale_to_world_size(cfg, dist.world_size(), epochs=True)
+    device = start_run(cfg, epochs=True)
     train_set, val_set = build_cls_datasets(cfg)
     iters_per_epoch = len(train_set) // s.ims_per_batch
     if iters_per_epoch == 0:

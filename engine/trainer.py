@@ -26,8 +26,10 @@ from tqdm import tqdm
 from engine import distributed as dist
 from engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from engine.errors import ConfigError, TrainingError, TrainingInterrupted
-from engine.events import MetricsWriter
-from engine.solver import lr_at
+from engine.device import setup_device
+from engine.events import MetricsWriter, setup_logging
+from engine.seeding import seed_everything
+from engine.solver import lr_at, scale_to_world_size
 
 logger = logging.getLogger("engine")
 
@@ -218,6 +220,18 @@ class Trainer:
         self.model.train()
         self.writer.write({"iter": iteration, **flat_metrics(metrics)}, prefix="val")
         return metrics
+
+
+def start_run(cfg, epochs: bool = False) -> torch.device:
+    """What every training run does first: join torchrun's process group when there is one and take this
+    process's device, set up log.txt (rank 0) and the seeds (each process its own random stream; DDP starts
+    all of them from rank 0's initial weights), and adapt the solver to the number of processes
+    (`solver.reference_world_size`; `epochs`: a classification schedule). Returns the device."""
+    device = setup_device(cfg)
+    setup_logging(cfg.output_dir)
+    seed_everything(cfg.seed + dist.rank())
+    scale_to_world_size(cfg, dist.world_size(), epochs=epochs)
+    return device
 
 
 def close_run(writer: MetricsWriter, plot: Optional[Callable] = None):
