@@ -18,6 +18,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on tiny inputs a second thread only adds synchronisation, which on a
+    loaded 2-core machine costs seconds per forward pass (up to 40x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (real COCO subsets live in ../shared/data)")
