@@ -21,6 +21,9 @@ setup(
         "scikit-learn",  # the handwritten digits of tools/degradation.py
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "timm>=0.9"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "timm>=0.9",
+                 "onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
+        # tools/export.py --format onnx (torch.onnx.export(dynamo=True) needs onnxscript)
+        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
     },
 )

@@ -5,6 +5,7 @@ import logging
 
 from engine.errors import CheckpointError, ConfigError
 
+from .checkpoint_kind import checkpoint_kind
 from .fpn import FPN
 from .resnet import ResNet
 from .weights import from_torchvision_resnet, load_state_dict, read_weights
@@ -21,14 +22,20 @@ def resnet_options(backbone_cfg) -> dict:
 
 
 def load_backbone_weights(resnet: ResNet, path: str):
-    """ImageNet weights into a ResNet: ours, or torchvision's names (converted on the fly)."""
+    """ImageNet weights into a ResNet: ours, or torchvision's names (converted on the fly). Another kind
+    of file (a detector, or weights another converter handles) is refused, saying what it is."""
     state = read_weights(path)
-    if "conv1.weight" in state and "stem.conv1.weight" not in state:
+    kind = checkpoint_kind(state)
+    if kind.source == "torchvision" and kind.model in ("classifier", "resnet"):
         state = from_torchvision_resnet(state)
+    elif kind.source != "ours" or kind.model not in ("classifier", "resnet"):
+        where = (" (a detector's checkpoint goes in model.weights)"
+                 if kind.source in ("ours", "torchvision") and (kind.is_detector or kind.model == "backbone") else "")
+        raise CheckpointError(f"model.backbone.weights={path} is {kind.description}, not a ResNet "
+                              f"classifier or backbone{where}{kind.hint()}")
     if not any(k in state for k in resnet.state_dict()):
-        kind = ("a detector checkpoint (it goes in model.weights)" if any(k.startswith("backbone.") for k in state)
-                else f"not a ResNet of this kind (keys start with {sorted(state)[:3]})")
-        raise CheckpointError(f"model.backbone.weights={path} has no tensor this ResNet uses: it is {kind}")
+        raise CheckpointError(f"model.backbone.weights={path} has no tensor this ResNet uses: it is "
+                              f"{kind.description}")
     # Logs what was loaded, and names what was not (a classifier's fc.*, tensors left at initialisation).
     return load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
 
@@ -43,9 +50,18 @@ def build_resnet(cfg, num_classes, out_features=None) -> ResNet:
 
 def build_classifier(cfg) -> ResNet:
     model = build_resnet(cfg, cfg["model"]["num_classes"])
-    if cfg["model"].get("weights"):
-        load_state_dict(model, read_weights(cfg["model"]["weights"]),
-                        source=f"model.weights={cfg['model']['weights']}")
+    path = cfg["model"].get("weights")
+    if path:
+        state = read_weights(path)
+        kind = checkpoint_kind(state)
+        if kind.source == "torchvision" and kind.model == "classifier":
+            state = from_torchvision_resnet(state)
+        elif kind.source != "ours" or kind.model != "classifier":
+            where = (" (ImageNet weights for fine-tuning go in model.backbone.weights)"
+                     if kind.model == "resnet" and kind.source in ("ours", "torchvision") else "")
+            raise CheckpointError(f"model.weights={path} is {kind.description}, not a ResNet classifier"
+                                  f"{where}{kind.hint()}")
+        load_state_dict(model, state, source=f"model.weights={path}")
     return model
 
 

@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+import numpy as np
 import torch
 from torch import nn
 
 from engine.checkpoint import atomic_torch_save, safe_torch_load
 from engine.errors import CheckpointError
+from engine.pickles import restricted_load
 
 from .resnet import DEPTHS, STAGE_NAMES, BasicBlock, Bottleneck, ResNet
 
@@ -199,9 +201,27 @@ def from_timm_resnet(state_dict) -> "Conversion":
     return Conversion(converted, f"timm's ResNet, for {settings}")
 
 
+def _read_pickle(path: str):
+    """The weights in a Detectron2 or Caffe2 `.pkl` file, read by `restricted_load` (numpy arrays and plain
+    containers only: a pickle that names any other global is refused unread), numpy arrays as tensors.
+    Detectron2's model zoo files are {"model": {name: array}, "__author__": ...}; Caffe2/MSRA ImageNet
+    files {"blobs": {name: array}} or the blobs themselves."""
+    obj = restricted_load(path, CheckpointError, encoding="latin1")
+    for key in ("model", "blobs"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        return obj
+    # A copy, so that each tensor owns its storage (torch.from_numpy would share the array's).
+    return {k: torch.from_numpy(np.array(v, copy=True)) if isinstance(v, (np.ndarray, np.generic)) else v
+            for k, v in obj.items()}
+
+
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict stored in `path` (our checkpoint format or a bare state dict)."""
-    obj = safe_torch_load(path, "weights file")
+    """The state dict stored in `path`: our checkpoint format or a bare state dict (`torch.load` with
+    weights_only=True), or a `.pkl` of numpy arrays from Detectron2 or Caffe2 (`_read_pickle`)."""
+    obj = _read_pickle(path) if str(path).endswith(".pkl") else safe_torch_load(path, "weights file")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

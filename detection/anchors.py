@@ -12,10 +12,19 @@ from engine.errors import ConfigError
 STRIDE_MODES = ("backbone", "padded_image")
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torch.Tensor:
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round: bool = True) -> torch.Tensor:
     """(len(ratios) * len(sizes), 4) boxes centred on 0: ratio-major, size-minor order, with
     ratio = height / width at constant area, coordinates rounded to integers as in the original
-    implementation."""
+    implementation (and torchvision); `round=False` keeps them exact, as Detectron2 does
+    (modeling/anchor_generator.py: w = sqrt(size^2 / ratio), h = ratio * w, unrounded)."""
+    if not round:
+        # Detectron2's arithmetic (in float64, then float32), so that its anchors are matched to the bit.
+        s = torch.as_tensor(sizes, dtype=torch.float64)
+        r = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+        w = (s[None, :] ** 2 / r[:, None]).sqrt()
+        h = r[:, None] * w
+        w, h = w.reshape(-1), h.reshape(-1)
+        return (torch.stack([-w, -h, w, h], dim=1) / 2).to(torch.float32)
     sizes = torch.as_tensor(sizes, dtype=torch.float32)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
     h = (ratios.sqrt()[:, None] * sizes[None, :]).reshape(-1)
@@ -33,7 +42,7 @@ class AnchorGenerator(nn.Module):
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[Sequence[float]],
-                 strides: Sequence[int], stride_mode: str = "backbone"):
+                 strides: Sequence[int], stride_mode: str = "backbone", round: bool = True):
         super().__init__()
         if not (len(sizes) == len(aspect_ratios) == len(strides)):
             raise ConfigError(f"anchor sizes ({len(sizes)} levels), aspect ratios ({len(aspect_ratios)}) "
@@ -44,7 +53,7 @@ class AnchorGenerator(nn.Module):
         self.stride_mode = stride_mode
         self.num_anchors = [len(s) * len(r) for s, r in zip(sizes, aspect_ratios)]
         for i, (s, r) in enumerate(zip(sizes, aspect_ratios)):
-            self.register_buffer(f"cell{i}", cell_anchors(s, r), persistent=False)
+            self.register_buffer(f"cell{i}", cell_anchors(s, r, round), persistent=False)
 
     def forward(self, feature_shapes: List[Sequence[int]], padded_size: Sequence[int]) -> List[torch.Tensor]:
         """One (H_i * W_i * A_i, 4) tensor per level, ordered (y, x, anchor) like the head's outputs."""

@@ -5,10 +5,11 @@ from typing import Dict
 
 from backbones.build import MODELS as BACKBONE_MODELS
 from backbones.build import build_backbone
+from backbones.checkpoint_kind import checkpoint_kind
 from backbones.weights import load_state_dict, read_weights
 from engine.config import as_config
 from engine.device import memory_format
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError
 
 from .preprocess import Preprocessor
 from .rcnn import FasterRCNN
@@ -29,7 +30,8 @@ def _select(shapes, names, key):
 def build_preprocessor(cfg) -> Preprocessor:
     i = cfg.input
     return Preprocessor(i.pixel_mean, i.pixel_std, i.format, i.pixel_scale, i.min_size_train, i.max_size_train,
-                        i.min_size_test, i.max_size_test, i.size_divisibility, memory_format(cfg))
+                        i.min_size_test, i.max_size_test, i.size_divisibility, memory_format(cfg),
+                        resize_mode=i.resize_mode)
 
 
 def build_detector(config, overrides=()) -> FasterRCNN:
@@ -46,7 +48,8 @@ def build_detector(config, overrides=()) -> FasterRCNN:
               positive_fraction=r.positive_fraction, pre_nms_topk_train=r.pre_nms_topk_train,
               pre_nms_topk_test=r.pre_nms_topk_test, post_nms_topk_train=r.post_nms_topk_train,
               post_nms_topk_test=r.post_nms_topk_test, nms_thresh=r.nms_thresh, min_box_size=r.min_box_size,
-              score_thresh=r.score_thresh, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta)
+              score_thresh=r.score_thresh, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta,
+              round_anchors=m.anchors.round, strict_min_size=r.strict_min_size, nms_on_logits=r.nms_on_logits)
     heads = dict(
         num_classes=m.num_classes,
         pooler_resolution=h.pooler_resolution, sampling_ratio=h.sampling_ratio, aligned=h.aligned,
@@ -56,7 +59,7 @@ def build_detector(config, overrides=()) -> FasterRCNN:
         bbox_reg_weights=h.bbox_reg_weights, append_gt_boxes=h.append_gt_boxes,
         score_thresh=cfg.test.score_thresh, nms_thresh=cfg.test.nms_thresh,
         detections_per_img=cfg.test.detections_per_img, min_box_size=h.min_box_size, box_loss=h.box_loss,
-        smooth_l1_beta=h.smooth_l1_beta)
+        smooth_l1_beta=h.smooth_l1_beta, level_formula=h.level_formula)
     box_shapes = _select(shapes, h.in_features, "model.roi_heads.in_features")
     if m.name == "mask_rcnn":
         # Imported here: segmentation builds on detection, so detection cannot import it at load time.
@@ -69,22 +72,42 @@ def build_detector(config, overrides=()) -> FasterRCNN:
             mask_pooler_resolution=k.pooler_resolution, mask_sampling_ratio=k.sampling_ratio,
             mask_num_conv=k.num_conv, mask_conv_dim=k.conv_dim, mask_norm=k.norm,
             class_agnostic_masks=k.class_agnostic, **heads)
-        model = MaskRCNN(backbone, rpn, roi_heads, build_preprocessor(cfg))
+        model = MaskRCNN(backbone, rpn, roi_heads, build_preprocessor(cfg),
+                         drop_empty_boxes=cfg.test.drop_empty_boxes, paste_mode=k.paste_mode)
     else:
-        model = FasterRCNN(backbone, rpn, RoIHeads(box_shapes, **heads), build_preprocessor(cfg))
+        model = FasterRCNN(backbone, rpn, RoIHeads(box_shapes, **heads), build_preprocessor(cfg),
+                           drop_empty_boxes=cfg.test.drop_empty_boxes)
     if m.weights:
-        load_detector_weights(model, m.weights)
+        load_detector_weights(model, m.weights, for_inference=False)
     return model.to(memory_format=memory_format(cfg))
 
 
-def load_detector_weights(model, path: str):
-    """Our checkpoints, or torchvision's detection state dicts (converted on the fly)."""
+def load_detector_weights(model, path: str, for_inference: bool = True):
+    """Our checkpoints, or torchvision's detection state dicts (converted on the fly). A file of another
+    kind is refused, saying what it is. `for_inference`: the weights are to be evaluated or deployed, so
+    a Mask R-CNN checkpoint for a Faster R-CNN (its masks would be dropped) and a Faster R-CNN checkpoint
+    for a Mask R-CNN (its masks would come from random weights) are errors; as an initialisation for
+    training (model.weights) both are allowed, with a warning."""
     state = read_weights(path)
-    if "backbone.body.conv1.weight" in state:
+    kind = checkpoint_kind(state)
+    if kind.source == "torchvision" and kind.is_detector:
         state = from_torchvision_detector(state)
-    if "backbone.bottom_up.stem.conv1.weight" not in state:
-        raise ConfigError(f"model.weights={path} is not a detector checkpoint (no backbone keys; it starts "
-                          f"with {sorted(state)[:3]}); a backbone or classifier goes in model.backbone.weights")
+    elif not (kind.source == "ours" and kind.is_detector):
+        where = (" (a backbone or classifier goes in model.backbone.weights)"
+                 if kind.model in ("classifier", "resnet", "backbone") and kind.source in ("ours", "torchvision") else "")
+        raise CheckpointError(f"{'--weights' if for_inference else 'model.weights'}={path} is {kind.description}, "
+                              f"not a detector checkpoint{where}{kind.hint()}")
+    built = "mask_rcnn" if any(k.startswith("roi_heads.mask_head.") for k in model.state_dict()) else "faster_rcnn"
+    if kind.model != built:
+        names = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN"}
+        what = (f"{path} is a {names[kind.model]} checkpoint and the config builds a {names[built]}"
+                + (" (model.name=mask_rcnn builds one; configs/mrcnn_*.yaml)" if kind.model == "mask_rcnn" else ""))
+        if for_inference:
+            consequence = ("its mask head would be dropped" if kind.model == "mask_rcnn" else
+                           "the masks would come from an untrained mask head")
+            raise CheckpointError(f"{what}: {consequence}")
+        logger.warning("%s: %s", what, "its mask head is not used" if kind.model == "mask_rcnn"
+                       else "the mask head starts from initialisation")
     report = load_state_dict(model, state, source=f"model.weights={path}")
     if report.missing:
         logger.warning("model.weights=%s leaves %d tensors at initialisation: %s", path, len(report.missing),

@@ -1,6 +1,7 @@
 """RoIAlign (He et al. 2017) over FPN levels with the FPN paper's level assignment (Lin et al. 2017,
 Eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4, clamped to the available levels."""
 import math
+import sys
 from typing import Dict, List
 
 import torch
@@ -10,20 +11,36 @@ from torchvision.ops import roi_align
 from backbones.base import ShapeSpec
 from engine.errors import ConfigError
 
+from .structures import known_zero
+
+
+LEVEL_FORMULAS = ("shifted", "detectron2")
+# Detectron2's epsilon (modeling/poolers.py, assign_boxes_to_levels: sys.float_info.epsilon inside the log).
+DETECTRON2_LEVEL_EPS = sys.float_info.epsilon
+
 
 def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical_box_size: float = 224,
-                  canonical_level: int = 4, eps: float = 1e-6) -> torch.Tensor:
-    """Index (0 = min_level) of the pyramid level each (K, 4) box is pooled from. `eps` keeps boxes of
-    exactly the canonical size from falling a level through floating-point error."""
+                  canonical_level: int = 4, eps: float = 1e-6, formula: str = "shifted") -> torch.Tensor:
+    """Index (0 = min_level) of the pyramid level each (K, 4) box is pooled from. "shifted" adds `eps`
+    after the log, which keeps boxes of exactly the canonical size from falling a level through
+    floating-point error; "detectron2" is floor(k0 + log2(size / 224 + 2.2e-16)), which in float32 is
+    the bare formula (a box of 223.99998 pixels goes a level down)."""
     size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    if formula == "detectron2":
+        level = torch.floor(canonical_level + torch.log2(size / canonical_box_size + DETECTRON2_LEVEL_EPS))
+        return (level.clamp(min_level, max_level) - min_level).to(torch.int64)
     level = torch.floor(canonical_level + torch.log2(size / canonical_box_size) + eps)
     return (level.clamp(min_level, max_level) - min_level).to(torch.int64)
 
 
 class MultiScaleRoIAlign(nn.Module):
     def __init__(self, input_shape: Dict[str, ShapeSpec], output_size: int, sampling_ratio: int = 2,
-                 aligned: bool = False, canonical_box_size: float = 224, canonical_level: int = 4):
+                 aligned: bool = False, canonical_box_size: float = 224, canonical_level: int = 4,
+                 level_formula: str = "shifted"):
         super().__init__()
+        if level_formula not in LEVEL_FORMULAS:
+            raise ConfigError(f"unknown RoI level formula {level_formula!r}; valid: {', '.join(LEVEL_FORMULAS)}")
+        self.level_formula = level_formula
         self.in_features = list(input_shape)
         self.scales = [1.0 / s.stride for s in input_shape.values()]
         levels = [math.log2(s.stride) for s in input_shape.values()]
@@ -41,16 +58,17 @@ class MultiScaleRoIAlign(nn.Module):
         """(sum K_i, C, S, S) features for the boxes of all images, in order."""
         maps = [features[f] for f in self.in_features]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
-        out = maps[0].new_zeros((len(rois), maps[0].shape[1]) + self.output_size)
-        if len(rois) == 0:
+        out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1]) + self.output_size)
+        if known_zero(rois.shape[0]):
             return out
         if len(maps) == 1:
             return roi_align(maps[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
         level = assign_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size,
-                              self.canonical_level)
+                              self.canonical_level, formula=self.level_formula)
         for i, (feature, scale) in enumerate(zip(maps, self.scales)):
             idx = torch.nonzero(level == i).squeeze(1)
-            if len(idx):
-                out[idx] = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio,
-                                     self.aligned).to(out.dtype)
+            if not known_zero(idx.shape[0]):
+                # index_put_, not out[idx] = ...: the tracer would fix the value's shape in a view.
+                out.index_put_((idx,), roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                                 self.aligned).to(out.dtype))
         return out

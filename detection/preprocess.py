@@ -8,6 +8,7 @@ is zero-padded (zero = the mean pixel after normalisation) to a multiple of `siz
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,10 +18,33 @@ from engine.errors import ConfigError
 from .structures import ImageBatch
 
 FORMATS = ("RGB", "BGR")
+RESIZE_MODES = ("interpolate", "pil")
 
 
 def resized_scale(height: int, width: int, min_size: float, max_size: float) -> float:
     return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def detectron2_resized_size(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
+    """(H, W) after Detectron2's ResizeShortestEdge (data/transforms/augmentation_impl.py, get_output_shape):
+    the shorter side to `min_size`, the longer capped at `max_size`, each rounded with int(x + 0.5)."""
+    scale = min_size / min(height, width)
+    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def pil_resize(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A (3, H, W) uint8 image resized to `size` by PIL's BILINEAR filter (which averages over the source
+    pixels a target pixel covers when shrinking), as Detectron2's ResizeTransform does for uint8 images.
+    torch's antialiased bilinear interpolation differs from it by 1 in about 0.1% of the pixels."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).cpu().numpy()
+    resized = Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).to(image.device)
 
 
 def scale_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> torch.Tensor:
@@ -34,8 +58,13 @@ class Preprocessor(nn.Module):
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
                  pixel_scale: float = 1.0, min_size_train: Sequence[int] = (800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, resize_mode: str = "interpolate"):
         super().__init__()
+        if resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"unknown resize mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+        # "interpolate": bilinear F.interpolate of the normalised float image (torchvision's transform);
+        # "pil": Detectron2's test-time resize, PIL on the uint8 image before normalisation.
+        self.resize_mode = resize_mode
         if input_format not in FORMATS:
             raise ConfigError(f"unknown input format {input_format!r}; valid: RGB, BGR")
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -55,6 +84,11 @@ class Preprocessor(nn.Module):
         self.resize_in_training = True
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8 and self.resize_mode == "pil":
+            # x * 1.0 for pixel_scale 255: Detectron2's exact 0-255 floats (x / 255 * 255 is not always x).
+            image = image.float() * (self.pixel_scale / 255)
+            image = image.flip(0) if self.input_format == "BGR" else image
+            return (image - self.pixel_mean) / self.pixel_std
         if image.dtype == torch.uint8:
             image = image.float() / 255
         image = image.to(self.pixel_mean.dtype)
@@ -77,11 +111,21 @@ class Preprocessor(nn.Module):
         return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                              align_corners=False)[0]
 
+    def resize_uint8(self, image: torch.Tensor) -> torch.Tensor:
+        """`resize_mode="pil"`: Detectron2's size and PIL's filter on the uint8 image (float images in [0, 1]
+        are rounded to uint8 first: Detectron2 only ever resizes uint8 images)."""
+        if image.dtype != torch.uint8:
+            image = (image * 255).round().clamp(0, 255).to(torch.uint8)
+        size = detectron2_resized_size(*image.shape[-2:], *self.target_size())
+        return pil_resize(image, size)
+
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         check_images(images)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         if self.training and not self.resize_in_training:
             resized = [self.normalize(img) for img in images]
+        elif self.resize_mode == "pil":
+            resized = [self.normalize(self.resize_uint8(img)) for img in images]
         else:
             resized = [self.resize(self.normalize(img)) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in resized]

@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 from backbones.base import ShapeSpec
 from backbones.norms import get_norm
@@ -16,7 +15,7 @@ from .box_coder import BoxCoder
 from .losses import box_regression_loss
 from .matcher import Matcher, sample_balanced
 from .poolers import MultiScaleRoIAlign
-from .structures import batched_box_iou, box_sizes_at_least, clip_boxes, pad_boxes, top_k_per_image
+from .structures import batched_box_iou, batched_nms, box_sizes_at_least, clip_boxes, pad_boxes, top_k_per_image
 
 BOX_HEADS = ("2fc", "4conv1fc")
 
@@ -74,13 +73,13 @@ class RoIHeads(nn.Module):
                  positive_fraction: float = 0.25, bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                  append_gt_boxes: bool = True, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, min_box_size: float = 1e-2, box_loss: str = "smooth_l1",
-                 smooth_l1_beta: float = 1 / 9):
+                 smooth_l1_beta: float = 1 / 9, level_formula: str = "shifted"):
         super().__init__()
         if box_head not in BOX_HEADS:
             raise ConfigError(f"unknown box head {box_head!r}; valid: {', '.join(BOX_HEADS)}")
         self.in_features = list(input_shape)
         self.pooler = MultiScaleRoIAlign(input_shape, pooler_resolution, sampling_ratio, aligned,
-                                         canonical_box_size, canonical_level)
+                                         canonical_box_size, canonical_level, level_formula)
         channels = next(iter(input_shape.values())).channels
         num_conv, num_fc = (0, 2) if box_head == "2fc" else (4, 1)
         self.box_head = BoxHead(channels, pooler_resolution, num_conv, conv_dim, num_fc, fc_dim, head_norm)
@@ -152,9 +151,8 @@ class RoIHeads(nn.Module):
     @torch.no_grad()
     def detect(self, logits, deltas, proposals, image_sizes):
         """Softmax, per-class decoding, clipping, score threshold, per-class NMS and top-k per image."""
-        counts = [len(p) for p in proposals]
-        image_ids = torch.repeat_interleave(torch.arange(len(proposals), device=logits.device),
-                                            torch.tensor(counts, device=logits.device))
+        # Each RoI's image index, built from tensors (no Python counts, which torch.export cannot know).
+        image_ids = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.long) for i, p in enumerate(proposals)])
         boxes = self.box_coder.decode(deltas, torch.cat(proposals))  # (R, K+1, 4)
         boxes = clip_boxes(boxes, image_sizes[image_ids])
         scores = F.softmax(logits, -1)

@@ -8,7 +8,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 from backbones.base import ShapeSpec
 from engine.errors import ConfigError
@@ -17,8 +16,8 @@ from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .losses import box_regression_loss
 from .matcher import FOREGROUND, Matcher, sample_balanced
-from .structures import (ImageBatch, batched_box_iou, box_sizes_at_least, clip_boxes, pad_boxes,
-                         top_k_per_image)
+from .structures import (ImageBatch, batched_box_iou, batched_nms, box_sizes_at_least, clip_boxes, pad_boxes,
+                         size_min, top_k_per_image)
 
 
 class RPNHead(nn.Module):
@@ -52,7 +51,8 @@ class RPN(nn.Module):
                  positive_fraction: float = 0.5, pre_nms_topk_train: int = 2000,
                  pre_nms_topk_test: int = 1000, post_nms_topk_train: int = 2000,
                  post_nms_topk_test: int = 1000, nms_thresh: float = 0.7, min_box_size: float = 1e-3,
-                 score_thresh: float = 0.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1 / 9):
+                 score_thresh: float = 0.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1 / 9,
+                 round_anchors: bool = True, strict_min_size: bool = False, nms_on_logits: bool = False):
         super().__init__()
         self.in_features = list(input_shape)
         channels = {s.channels for s in input_shape.values()}
@@ -63,7 +63,8 @@ class RPN(nn.Module):
         if len(aspect_ratios) == 1 and len(self.in_features) > 1:
             aspect_ratios = list(aspect_ratios) * len(self.in_features)
         self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios,
-                                                [s.stride for s in input_shape.values()], anchor_stride_mode)
+                                                [s.stride for s in input_shape.values()], anchor_stride_mode,
+                                                round_anchors)
         if len(set(self.anchor_generator.num_anchors)) != 1:
             raise ConfigError("every level needs the same number of anchors (sizes x aspect ratios) "
                               "for the shared RPN head")
@@ -76,6 +77,11 @@ class RPN(nn.Module):
         self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
         self.nms_thresh = nms_thresh
         self.min_box_size = min_box_size
+        # Detectron2 (proposal_utils.find_top_rpn_proposals) keeps sides > min_box_size (Boxes.nonempty) and
+        # runs NMS on the logits; torchvision keeps sides >= min_box_size and runs NMS on probabilities,
+        # which saturate to 1.0 for logits above ~17 and so order high-scoring boxes differently.
+        self.strict_min_size = strict_min_size
+        self.nms_on_logits = nms_on_logits
         self.score_thresh = score_thresh
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
@@ -101,16 +107,22 @@ class RPN(nn.Module):
         k_pre = self.pre_nms_topk[self.training]
         boxes, scores, levels = [], [], []
         for lvl, (p, l) in enumerate(zip(proposals, logits)):
-            top, idx = l.topk(min(k_pre, l.shape[1]), dim=1)
+            top, idx = l.topk(size_min(k_pre, l.shape[1]), dim=1)
             boxes.append(torch.gather(p, 1, idx[..., None].expand(-1, -1, 4)))
             scores.append(top)
             levels.append(torch.full_like(idx, lvl))
         boxes = clip_boxes(torch.cat(boxes, 1), images.sizes_tensor())
-        scores = torch.cat(scores, 1).sigmoid()
+        logits = torch.cat(scores, 1)
+        scores = logits.sigmoid()
         groups = torch.cat(levels, 1) + len(proposals) * torch.arange(num_images, device=scores.device)[:, None]
-        keep = box_sizes_at_least(boxes, self.min_box_size) & (scores >= self.score_thresh)
-        boxes, scores, groups = boxes[keep], scores[keep], groups[keep]
-        kept = batched_nms(boxes, scores, groups, self.nms_thresh)
+        if self.strict_min_size:
+            w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+            large = (w > self.min_box_size) & (h > self.min_box_size)
+        else:
+            large = box_sizes_at_least(boxes, self.min_box_size)
+        keep = large & (scores >= self.score_thresh)
+        boxes, scores, logits, groups = boxes[keep], scores[keep], logits[keep], groups[keep]
+        kept = batched_nms(boxes, logits if self.nms_on_logits else scores, groups, self.nms_thresh)
         image_ids = groups[kept] // len(proposals)
         kept = kept[top_k_per_image(image_ids, self.post_nms_topk[self.training], num_images)]
         image_ids = groups[kept] // len(proposals)

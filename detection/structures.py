@@ -3,7 +3,9 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
-from torchvision.ops import box_iou
+import torchvision
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torchvision.ops import box_iou, nms
 
 batched_box_iou = torch.vmap(box_iou)  # (B, M, 4) x (B, N, 4) -> (B, M, N)
 
@@ -35,6 +37,34 @@ def pad_boxes(boxes: Sequence[torch.Tensor], fill: float = 0.0):
     return out, valid
 
 
+def known_zero(count) -> bool:
+    """Whether a count is 0, where that is known: an int in eager mode. While torch.export (a SymInt) or
+    torch.jit.trace (a 0-dim tensor) records a graph the count is unknown, and this says False so that the
+    general path, which must then handle empty tensors, is recorded instead of a branch."""
+    if isinstance(count, torch.Tensor):
+        return False
+    return guard_or_false(count == 0)
+
+
+def size_min(a, b):
+    """min() of two sizes that does not fix either while a graph is recorded: ints in eager mode, SymInts
+    under torch.export, 0-dim tensors under torch.jit.trace."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return torch.sym_min(a, b)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float):
+    """torchvision's batched_nms (NMS within each group). While torch.export or a tracer records the
+    graph, its offset form only, which torchvision itself uses for up to 1000 boxes on a CPU: each group's
+    boxes are moved apart so one NMS never compares two groups. torchvision picks between its two forms
+    by the box count, which a graph cannot branch on; the max over an extra 0 keeps no boxes legal."""
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+    span = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max() + 1
+    return nms(boxes + (groups.to(boxes) * span)[:, None], scores, iou_threshold)
+
+
 def clip_boxes(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Clip (B, ..., 4) boxes to per-image (B, 2) heights and widths."""
     shape = (sizes.shape[0],) + (1,) * (boxes.dim() - 2)
@@ -51,12 +81,8 @@ def box_sizes_at_least(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
 def top_k_per_image(image_ids: torch.Tensor, k: int, num_images: int) -> torch.Tensor:
     """Given indices already sorted by descending score, the mask keeping each image's first k.
 
-    A stable sort by image keeps the score order within each image."""
-    order = torch.sort(image_ids, stable=True).indices
-    sorted_ids = image_ids[order]
-    counts = torch.bincount(sorted_ids, minlength=num_images)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=image_ids.device) - starts[sorted_ids]
-    keep = torch.zeros_like(image_ids, dtype=torch.bool)
-    keep[order] = rank < k
-    return keep
+    An entry's rank within its image is the running count of its image's entries up to it: a cumulative
+    sum over (N, num_images) one-hot rows, with no sort (ONNX has no stable sort to export it to)."""
+    one_hot = image_ids[:, None] == torch.arange(num_images, device=image_ids.device)[None, :]
+    rank = one_hot.cumsum(0).gather(1, image_ids[:, None]).squeeze(1) - 1
+    return rank < k

@@ -7,6 +7,8 @@ from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, c
                                from_timm_resnet, from_torchvision_resnet, to_torchvision_resnet)
 from engine.errors import CheckpointError
 
+from .detectron2_weights import from_detectron2
+
 # ResNet body under "backbone.body." (theirs) / "backbone.bottom_up." (ours), minus the classifier.
 _BODY = [(f"backbone.body.{tv}", f"backbone.bottom_up.{ours}") for tv, ours in TORCHVISION_RESNET_KEYS
          if not tv.startswith("fc.")]
@@ -121,5 +123,5 @@ def to_torchvision(state_dict) -> Conversion:
 
 
 # tools/convert_weights.py: --from FORMAT and --to FORMAT.
-CONVERTERS_IN = {"torchvision": from_torchvision, "timm": from_timm_resnet}
+CONVERTERS_IN = {"torchvision": from_torchvision, "timm": from_timm_resnet, "detectron2": from_detectron2}
 CONVERTERS_OUT = {"torchvision": to_torchvision}

@@ -31,3 +31,7 @@ class TrainingInterrupted(ToolkitError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class ExportError(ToolkitError):
+    """A model cannot be exported, or the exported file does not give the eager model's detections."""

@@ -89,6 +89,8 @@ SCHEMA: dict = {
             "aspect_ratios": Opt(list, [[0.5, 1.0, 2.0]], elem=list, help="height/width ratios per level (one list: all)"),
             "stride_mode": Opt(str, "backbone", choices=("backbone", "padded_image"),
                                help="anchor spacing: backbone stride, or padded size // feature size (torchvision)"),
+            "round": Opt(bool, True, help="round cell anchors to integers (torchvision, the original Faster R-CNN); "
+                                          "false: exact sizes, as Detectron2 (32, ratio 0.5: +-22.627 x +-11.314)"),
         },
         "rpn": {
             "in_features": Opt(list, ["0", "1", "2", "3", "pool"], elem=str, help="backbone outputs the RPN runs on"),
@@ -101,6 +103,10 @@ SCHEMA: dict = {
             "post_nms_topk_test": Opt(int, 1000, help="proposals kept per image after NMS, inference"),
             "nms_thresh": Opt(float, 0.7, help="IoU threshold of the proposals' NMS"),
             "min_box_size": Opt(float, 1e-3, help="proposals narrower or lower than this (pixels) are dropped"),
+            "strict_min_size": Opt(bool, False, help="keep proposals whose sides are > min_box_size, not >= "
+                                                     "(Detectron2: min_box_size 0 drops only empty boxes)"),
+            "nms_on_logits": Opt(bool, False, help="order the proposals' NMS by objectness logits (Detectron2), not "
+                                                   "by probabilities, which tie at 1.0 for logits above ~17"),
             "score_thresh": Opt(float, 0.0, help="proposals with a lower objectness probability are dropped"),
             "box_loss": Opt(str, "smooth_l1", choices=("smooth_l1", "l1"), help="box regression loss"),
             "smooth_l1_beta": Opt(float, 1 / 9, help="smooth-L1 transition point"),
@@ -112,6 +118,9 @@ SCHEMA: dict = {
             "aligned": Opt(bool, False, help="RoIAlign with the half-pixel shift (Detectron2: true)"),
             "canonical_box_size": Opt(float, 224.0, help="FPN Eq. 1: boxes this large are pooled from canonical_level"),
             "canonical_level": Opt(int, 4, help="FPN Eq. 1: k0"),
+            "level_formula": Opt(str, "shifted", choices=("shifted", "detectron2"),
+                                 help="FPN Eq. 1 in floats: 'shifted' adds 1e-6 after the log2 (canonical boxes stay "
+                                      "on k0); 'detectron2' adds 2.2e-16 inside it (no effect in float32)"),
             "box_head": Opt(str, "2fc", choices=("2fc", "4conv1fc"), help="box head layout"),
             "fc_dim": Opt(int, 1024, help="width of the box head's fully connected layers"),
             "conv_dim": Opt(int, 256, help="width of the 4conv1fc head's convolutions"),
@@ -133,6 +142,9 @@ SCHEMA: dict = {
             "conv_dim": Opt(int, 256, help="width of the mask head's convolutions"),
             "norm": Opt(str, "", choices=("",) + _NORMS, help="norm in the mask head's convolutions"),
             "class_agnostic": Opt(bool, False, help="one mask per RoI instead of one per class"),
+            "paste_mode": Opt(str, "torchvision", choices=("torchvision", "detectron2"),
+                              help="mask pasting: 'torchvision' pads the mask and grows its box to whole pixels; "
+                                   "'detectron2' samples the mask bilinearly over the box as it is"),
         },
     },
     "input": {
@@ -152,6 +164,10 @@ SCHEMA: dict = {
         "lsj_min_scale": Opt(float, 0.1, help="large-scale jitter: smallest scale"),
         "lsj_max_scale": Opt(float, 2.0, help="large-scale jitter: largest scale"),
         "max_size_test": Opt(int, 1333, help="cap on the longer side at test"),
+        "resize_mode": Opt(str, "interpolate", choices=("interpolate", "pil"),
+                           help="detector resize: 'interpolate' = bilinear on the normalised float image "
+                                "(torchvision); 'pil' = Detectron2's: sides rounded with int(x + 0.5), PIL bilinear "
+                                "on the uint8 image, then normalisation"),
     },
     "data": {
         "root": Opt(str, "datasets", help="directory that holds the datasets"),
@@ -197,6 +213,8 @@ SCHEMA: dict = {
         "score_thresh": Opt(float, 0.05, help="detections with a lower class probability are dropped"),
         "nms_thresh": Opt(float, 0.5, help="IoU threshold of the per-class NMS"),
         "detections_per_img": Opt(int, 100, help="detections kept per image"),
+        "drop_empty_boxes": Opt(bool, False, help="clip the detections to the input image after rescaling and "
+                                                  "drop those of zero width or height (Detectron2)"),
         "mask_thresh": Opt(float, 0.5, help="mask probability at or above which a pixel belongs to the object"),
         "evaluator_backend": Opt(str, "pycocotools", choices=("pycocotools", "faster_coco_eval"),
                                  help="COCO evaluator; both give the same numbers, faster_coco_eval sooner"),

@@ -51,7 +51,7 @@ class MaskHead(nn.Module):
         """(R, M, M) logits of each RoI's class."""
         if self.class_agnostic:
             return logits[:, 0]
-        return logits[torch.arange(len(logits), device=logits.device), labels]
+        return logits[torch.arange(logits.shape[0], device=logits.device), labels]  # a SymInt in export
 
 
 def mask_targets(gt_masks: List[torch.Tensor], rois: List[torch.Tensor], matched: List[torch.Tensor],

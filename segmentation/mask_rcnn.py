@@ -9,8 +9,12 @@ from .paste import paste_masks
 
 
 class MaskRCNN(FasterRCNN):
+    def __init__(self, *args, paste_mode: str = "torchvision", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paste_mode = paste_mode  # segmentation.paste.PASTE_MODES
+
     def postprocess(self, detections, image_sizes, original_sizes):
         detections = super().postprocess(detections, image_sizes, original_sizes)
         for d, size in zip(detections, original_sizes):
-            d["masks"] = paste_masks(d["masks"], d["boxes"], size)
+            d["masks"] = paste_masks(d["masks"], d["boxes"], size, mode=self.paste_mode)
         return detections

@@ -47,10 +47,60 @@ def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, region: Tupl
     return matrix
 
 
+PASTE_MODES = ("torchvision", "detectron2")
+
+
+def box_interpolation_matrix(start: torch.Tensor, end: torch.Tensor, region: Tuple[int, int], source: int,
+                             dtype) -> torch.Tensor:
+    """(C, region length, source) bilinear weights that sample `source` mask cells spread over [start, end)
+    (float, per row of the C masks) at the centres of the pixels of `region` = [lo, hi), zero beyond the
+    mask's outer cell centres. This is Detectron2's geometry (layers/mask_ops.py, _do_paste_mask: the pixel
+    centre normalised to [-1, 1] over the box, then grid_sample with align_corners=False and zero padding),
+    computed in its order of float32 operations."""
+    pixels = torch.arange(region[0], region[1], device=start.device, dtype=torch.float32) + 0.5
+    g = (pixels[None, :] - start[:, None]) / (end - start)[:, None] * 2 - 1
+    src = ((g + 1) * source - 1) / 2  # grid_sample's unnormalisation for align_corners=False
+    i0 = src.floor()
+    weight1 = src - i0
+    i0 = i0.to(torch.int64)
+    matrix = torch.zeros(src.shape + (source + 2,), dtype=dtype, device=start.device)
+    # Taps outside [0, source) read zero padding: they are scattered to two spare columns, then dropped.
+    for index, weight in ((i0, 1 - weight1), (i0 + 1, weight1)):
+        valid = (index >= 0) & (index < source)
+        matrix.scatter_add_(2, torch.where(valid, index, source).clamp(max=source + 1)[..., None],
+                            (weight * valid).to(dtype)[..., None])
+    return matrix[..., :source]
+
+
+def paste_masks_unpadded(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """Detectron2's pasting: each M x M mask sampled bilinearly at the image's pixel centres over its box
+    as it is (not grown, not truncated to integers), zero outside the mask's outer half cells. One mask at a
+    time, over the pixels its box can reach (the box grown by one pixel, rounded outwards)."""
+    height, width = image_size
+    out = masks.new_zeros((len(masks), 1, height, width))
+    source = masks.shape[-1]
+    boxes = boxes.to(torch.float32)
+    lo = (boxes[:, :2].floor() - 1).clamp(min=0).to(torch.int64)
+    hi = torch.minimum((boxes[:, 2:].ceil() + 1).to(torch.int64),
+                       torch.tensor([width, height], device=boxes.device))
+    for i, (x0, y0, x1, y1) in enumerate(torch.cat([lo, hi], 1).tolist()):
+        if x0 >= x1 or y0 >= y1:
+            continue
+        rx = box_interpolation_matrix(boxes[i:i + 1, 0], boxes[i:i + 1, 2], (x0, x1), source, masks.dtype)
+        ry = box_interpolation_matrix(boxes[i:i + 1, 1], boxes[i:i + 1, 3], (y0, y1), source, masks.dtype)
+        out[i, 0, y0:y1, x0:x1] = (ry @ masks[i:i + 1, 0] @ rx.transpose(1, 2))[0]
+    return out
+
+
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int],
-                chunk: Optional[int] = None) -> torch.Tensor:
+                chunk: Optional[int] = None, mode: str = "torchvision") -> torch.Tensor:
     """(N, 1, M, M) masks over (N, 4) xyxy boxes (the image's pixels) -> (N, 1, H, W) full-image masks.
-    `chunk`: masks computed together (default: 1 on a CPU, as many as CHUNK_BYTES allows on a GPU)."""
+    `chunk`: masks computed together (default: 1 on a CPU, as many as CHUNK_BYTES allows on a GPU).
+    `mode`: "torchvision" (the geometry above) or "detectron2" (`paste_masks_unpadded`)."""
+    if mode not in PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; valid: {', '.join(PASTE_MODES)}")
+    if mode == "detectron2":
+        return paste_masks_unpadded(masks, boxes, image_size)
     height, width = image_size
     n = len(masks)
     out = masks.new_zeros((n, 1, height, width))

@@ -19,7 +19,8 @@ class MaskRoIHeads(RoIHeads):
         super().__init__(input_shape, **kwargs)
         p = self.pooler
         self.mask_pooler = MultiScaleRoIAlign(mask_input_shape, mask_pooler_resolution, mask_sampling_ratio,
-                                              p.aligned, p.canonical_box_size, p.canonical_level)
+                                              p.aligned, p.canonical_box_size, p.canonical_level,
+                                              p.level_formula)
         channels = next(iter(mask_input_shape.values())).channels
         self.mask_head = MaskHead(channels, self.num_classes, mask_num_conv, mask_conv_dim, mask_norm,
                                   class_agnostic_masks)
@@ -42,6 +43,8 @@ class MaskRoIHeads(RoIHeads):
         logits = self.mask_head(self.mask_pooler(features, [d["boxes"] for d in detections]))
         labels = torch.cat([d["labels"] for d in detections])
         probs = self.mask_head.select(logits, labels).sigmoid()[:, None]
-        for d, p in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
+        # One image needs no split, and torch.export cannot split at counts it does not know.
+        parts = (probs,) if len(detections) == 1 else probs.split([len(d["boxes"]) for d in detections])
+        for d, p in zip(detections, parts):
             d["masks"] = p
         return detections

@@ -94,5 +94,5 @@ def test_backbone_weights_report_what_was_not_loaded_and_refuse_a_detector(tmp_p
     save_weights(str(tmp_path / "det.pth"), detector)
     cfg = Config.from_dict({"model": {"name": "resnet_fpn", "backbone": {"depth": 18,
                                                                           "weights": str(tmp_path / "det.pth")}}})
-    with pytest.raises(CheckpointError, match="a detector checkpoint"):
+    with pytest.raises(CheckpointError, match=r"ResNet-FPN backbone checkpoint, not a ResNet .*goes in model.weights"):
         build_model(cfg)

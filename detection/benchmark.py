@@ -1,0 +1,180 @@
+"""What tools/benchmark.py times: our detector against torchvision's with the same weights, images and
+settings. Each side is set up by a module-level function (picklable, so peak memory on the CPU can be
+measured in a fresh process), from a seed, so every process builds identical weights and inputs.
+
+Weights: `--weights` if given, else the config's model seeded with `seed` (FrozenBN statistics made
+non-trivial). A model with random weights scores no class above test.score_thresh, so without --weights
+the threshold is 0 on both sides: every image keeps its test.detections_per_img detections, which is the
+load a trained model has on a busy image (and what the mask branch of Mask R-CNN then works on).
+"""
+import functools
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from engine.benchmark import Side
+from engine.config import as_config
+from engine.errors import ConfigError
+
+from .build import build_detector, load_detector_weights
+
+
+def random_image(size: Tuple[int, int], seed: int) -> torch.Tensor:
+    """A smooth random (3, H, W) float image in [0, 1]: large-scale structure, like a photograph, so that
+    proposals are not all noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, max(2, size[0] // 40), max(2, size[1] // 40), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _seeded(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=g) * 0.5 + 0.75)
+            elif name.endswith("running_mean"):
+                buf.copy_(torch.rand(buf.shape, generator=g) * 0.2 - 0.1)
+    return model
+
+
+def our_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int):
+    torch.manual_seed(seed)
+    overrides = list(overrides) + ["model.backbone.weights=null", "model.weights=null"]
+    if not weights:
+        overrides.append("test.score_thresh=0.0")
+    model = build_detector(config, overrides)
+    if weights:
+        load_detector_weights(model, weights)
+    else:
+        _seeded(model, seed)
+    return model
+
+
+def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int):
+    """torchvision's model of the same kind, holding our model's weights (converted), with the config's
+    test settings. Only configs torchvision can express convert (configs/torchvision/*.yaml)."""
+    from torchvision.models import detection
+
+    from .weights import to_torchvision_detector
+
+    ours = our_detector(config, overrides, weights, seed)
+    cfg = as_config(config, list(overrides) + ([] if weights else ["test.score_thresh=0.0"]))
+    mask = cfg.model.name == "mask_rcnn"
+    builder = getattr(detection, "maskrcnn_resnet50_fpn" if mask else "fasterrcnn_resnet50_fpn")
+    r, t, i = cfg.model.rpn, cfg.test, cfg.input
+    model = builder(weights=None, weights_backbone=None, num_classes=cfg.model.num_classes + 1,
+                    min_size=i.min_size_test, max_size=i.max_size_test, image_mean=[0.485, 0.456, 0.406],
+                    image_std=[0.229, 0.224, 0.225], rpn_pre_nms_top_n_test=r.pre_nms_topk_test,
+                    rpn_post_nms_top_n_test=r.post_nms_topk_test, rpn_nms_thresh=r.nms_thresh,
+                    box_score_thresh=t.score_thresh, box_nms_thresh=t.nms_thresh,
+                    box_detections_per_img=t.detections_per_img)
+    model.load_state_dict(to_torchvision_detector(ours.state_dict()).state_dict, strict=True)
+    return model
+
+
+BUILDERS = {"ours": our_detector, "torchvision": torchvision_detector}
+
+
+def setup_infer(impl: str, config, overrides, weights, size, seed, device) -> Callable[[], object]:
+    model = BUILDERS[impl](config, overrides, weights, seed).eval().to(device)
+    image = random_image(size, seed).to(device)
+
+    def infer():
+        with torch.inference_mode():
+            return model([image])
+
+    return infer
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call (2 x multiply-adds of convolutions and matrix products; torchvision's RoIAlign
+    and NMS are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def infer_sides(config, overrides, weights, size, seed, device, peers: List[str]) -> List[Side]:
+    sides = []
+    for impl in ["ours"] + peers:
+        setup = functools.partial(setup_infer, impl, config, list(overrides), weights, tuple(size), seed, device)
+        sides.append(Side(impl, setup, flops=count_flops(setup())))
+    return sides
+
+
+def synthetic_targets(size: Tuple[int, int], n: int, num_classes: int, seed: int, masks: bool):
+    """`n` random boxes (and their filled-box masks) in an image of `size`, labels 1..num_classes."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
+    boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w - 1.0, h - 1.0]))], 1)
+    target = {"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (n,), generator=g)}
+    if masks:
+        m = torch.zeros(n, h, w, dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+            m[k, y0:y1, x0:x1] = 1
+        target["masks"] = m
+    return target
+
+
+def _freeze_torchvision(model, freeze_at: int):
+    """torchvision built without weights has trainable BatchNorm everywhere; for equal settings, frozen BN
+    (torchvision's own FrozenBatchNorm2d with the same statistics) and the stem and res2..res{freeze_at}
+    frozen, as ours."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    def swap(module):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(module, name, frozen)
+            else:
+                swap(child)
+
+    swap(model.backbone.body)
+    frozen = ["conv1"] + [f"layer{k}" for k in range(1, freeze_at)]
+    for name, p in model.backbone.body.named_parameters():
+        if name.split(".")[0] in frozen:
+            p.requires_grad_(False)
+    return model
+
+
+def setup_train(impl: str, config, overrides, weights, size, batch, seed, device) -> Callable[[], object]:
+    """One SGD step (forward with targets, backward, update) on a fixed batch."""
+    cfg = as_config(config, overrides)
+    if cfg.model.backbone.norm != "FrozenBN":
+        raise ConfigError("the training benchmark compares frozen-BN models (model.backbone.norm=FrozenBN), "
+                          f"got {cfg.model.backbone.norm}")
+    model = BUILDERS[impl](config, overrides, weights, seed)
+    if impl == "torchvision":
+        _freeze_torchvision(model, cfg.model.backbone.freeze_at)
+    else:
+        model.preprocessor.resize_in_training = True  # both resize inside the model, as torchvision does
+    model.train().to(device)
+    masks = cfg.model.name == "mask_rcnn"
+    images = [random_image(size, seed + k).to(device) for k in range(batch)]
+    targets = [{k: v.to(device) for k, v in synthetic_targets(size, 8, cfg.model.num_classes, seed + k, masks).items()}
+               for k in range(batch)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step():
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def train_sides(config, overrides, weights, size, batch, seed, device, peers: List[str]) -> List[Side]:
+    return [Side(impl, functools.partial(setup_train, impl, config, list(overrides), weights, tuple(size),
+                                         batch, seed, device)) for impl in ["ours"] + peers]

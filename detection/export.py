@@ -1,0 +1,309 @@
+"""A detector as one graph that takes a raw image and returns flat tensors, for ONNX and TorchScript.
+
+`ExportableDetector(model)(image)` with one (3, H, W) RGB tensor (uint8, or float in [0, 1]) returns
+`boxes` (N, 4) xyxy in the image's pixels, `labels` (N,) int64, `scores` (N,) and, for a Mask R-CNN,
+`masks` (N, 1, M, M): each detection's mask probabilities over its box, not yet pasted into the image
+(`segmentation.paste_masks(masks, boxes, (H, W))` does that outside the graph, as the eager model does).
+Pre-processing (normalise, resize, pad) and the boxes' return to the caller's pixels are in the graph.
+
+The eager model's pre-processing decides sizes with Python `min` and `math.ceil`, which torch.export and
+torch.jit.trace would fix to the example image's size. Here the same float64 arithmetic runs on tensors
+while a graph is recorded (the resized size becomes an unbacked SymInt under torch.export, a traced
+value under torch.jit.trace) and the padding is integer division, so one file serves every image size.
+ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`, the supported exporter in torch 2.9+;
+the TorchScript-based one is deprecated), TorchScript through `torch.jit.trace` (deprecated as well, kept
+for C++ loaders); the model code avoids what either cannot record (see `structures.known_zero`,
+`size_min`, `batched_nms`).
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import ExportError
+
+from .structures import ImageBatch
+
+FORMATS = ("onnx", "torchscript")
+OUTPUTS = ("boxes", "labels", "scores", "masks")
+# The exported graph's image sizes: one graph for every height and width in this range.
+MIN_SIDE, MAX_SIDE = 32, 4096
+
+
+class _Batch(ImageBatch):
+    """An ImageBatch whose (1, 2) size tensor is built in the graph, not from Python ints."""
+
+    def __init__(self, tensor, image_sizes, sizes):
+        super().__init__(tensor, image_sizes)
+        self._sizes = sizes
+
+    def sizes_tensor(self) -> torch.Tensor:
+        return self._sizes
+
+
+def _as_float(size, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 tensor holding a size: an int or SymInt (torch.tensor would pin a SymInt to its
+    value), or the 0-dim tensor torch.jit.trace gives for a size."""
+    if isinstance(size, torch.Tensor):
+        return size.to(torch.float32)
+    return torch.full((), size, dtype=torch.float32, device=like.device)
+
+
+def resized_size(h, w, min_size: float, max_size: float):
+    """Preprocessor.resize's output size int(h * scale), int(w * scale), with the scale of
+    `preprocess.resized_scale` in float64 as Python computes it, for ints and for 0-dim tensors (float64
+    tensor arithmetic rounds as Python's floats do)."""
+    if isinstance(h, torch.Tensor):
+        h, w = h.double(), w.double()
+        scale = torch.minimum(min_size / torch.minimum(h, w), max_size / torch.maximum(h, w))
+        return (h * scale).long(), (w * scale).long()  # truncation, as int()
+    scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
+    return torch.sym_int(h * scale), torch.sym_int(w * scale)
+
+
+class ExportableDetector(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        mode = getattr(model.preprocessor, "resize_mode", "interpolate")
+        if mode != "interpolate":
+            raise ExportError(f"input.resize_mode={mode} resizes with PIL, which a graph cannot hold; export with "
+                              "input.resize_mode=interpolate (detections then differ slightly from PIL's)")
+        self.model = model.eval()
+        self.has_masks = hasattr(model.roi_heads, "mask_head")
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        m, p = self.model, self.model.preprocessor
+        h, w = image.shape[-2:]
+        if torch.compiler.is_compiling():
+            # As unbacked SymInts (values known only when the graph runs): every later size is then a short
+            # expression in them, not in the float arithmetic above, which keeps torch.export fast.
+            sizes = resized_size(_as_float(h, image).double(), _as_float(w, image).double(), p.min_size_test,
+                                 p.max_size_test)
+            rh, rw = sizes[0].item(), sizes[1].item()
+            torch._check(rh >= 1)
+            torch._check(rw >= 1)
+        else:
+            rh, rw = resized_size(h, w, p.min_size_test, p.max_size_test)
+        x = F.interpolate(p.normalize(image)[None], size=(rh, rw), mode="bilinear", align_corners=False)
+        d = p.size_divisibility
+        x = F.pad(x, (0, (rw + d - 1) // d * d - rw, 0, (rh + d - 1) // d * d - rh))  # zero = the mean pixel
+        x = x.contiguous(memory_format=p.memory_format)
+        resized = torch.stack([_as_float(rh, x), _as_float(rw, x)])
+        batch = _Batch(x, [(rh, rw)], resized[None])
+        features = m.backbone(batch.tensor)
+        proposals, _ = m.rpn(batch, features)
+        detections, _ = m.roi_heads(features, proposals, batch.sizes_tensor())
+        det = detections[0]
+        # Preprocessor.postprocess (scale_boxes): one float32 ratio per axis.
+        ry, rx = (torch.stack([_as_float(h, x), _as_float(w, x)]) / resized).unbind()
+        boxes = det["boxes"] * torch.stack([rx, ry, rx, ry]).to(det["boxes"].dtype)
+        out = (boxes, det["labels"], det["scores"])
+        return out + (det["masks"],) if self.has_masks else out
+
+
+def _check_side(image: torch.Tensor):
+    sides = image.shape[1:]
+    if image.dim() != 3 or image.shape[0] != 3 or not MIN_SIDE <= min(sides) <= max(sides) <= MAX_SIDE:
+        raise ExportError(f"the exported detector takes one (3, H, W) image with {MIN_SIDE} <= H, W <= {MAX_SIDE}, "
+                          f"got shape {tuple(image.shape)}")
+
+
+@contextlib.contextmanager
+def _dead_code_removed_with_assertions():
+    """torch 2.14's ONNX exporter erases runtime assertions but keeps the comparisons that fed them; one
+    compares an unbacked size with a bound beyond int64 and fails to convert. Removing the then unused
+    nodes as well (a private pass, patched for the call only) leaves the graph's outputs unchanged."""
+    from torch.onnx._internal.exporter import _fx_passes
+
+    original = _fx_passes.remove_assertion_nodes
+
+    def remove(graph_module):
+        graph_module = original(graph_module)
+        for gm in graph_module.modules():
+            if isinstance(gm, torch.fx.GraphModule):
+                gm.graph.eliminate_dead_code()
+                gm.recompile()
+        return graph_module
+
+    _fx_passes.remove_assertion_nodes = remove
+    try:
+        yield
+    finally:
+        _fx_passes.remove_assertion_nodes = original
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs {e.name}: pip install onnx onnxruntime onnxscript") from None
+
+
+def export(model: nn.Module, path: str, fmt: str, example: torch.Tensor, optimize: bool = True) -> Tuple[str, ...]:
+    """Write `model` (a FasterRCNN or MaskRCNN) as an ONNX or TorchScript file at `path` that takes one
+    image of any size (of `example`'s dtype). Returns the output names. `optimize`: run the ONNX graph
+    optimiser (constant folding, fusions; about a third of the export time)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    _check_side(example)
+    wrapper = ExportableDetector(model.eval())
+    names = OUTPUTS if wrapper.has_masks else OUTPUTS[:3]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with torch.no_grad():
+        if fmt == "torchscript":
+            # torch.jit is deprecated in favour of torch.export; tracing is what still loads without
+            # Python (torch::jit::load in C++), and the graph was written to be traced with sizes kept.
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", (FutureWarning, torch.jit.TracerWarning))
+                torch.jit.save(torch.jit.trace(wrapper, (example,), check_trace=False), path)
+            return names
+        _require_onnx()
+        sides = {"image": {1: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+                           2: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}}
+        try:
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=sides, strict=False)
+            with _dead_code_removed_with_assertions():
+                torch.onnx.export(program, (example,), path, input_names=["image"], output_names=list(names),
+                                  dynamo=True, external_data=False, optimize=optimize, verbose=False)
+        except Exception as e:  # torch.export's and the converter's errors have no common base class
+            raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return names
+
+
+def load(path: str, fmt: str) -> Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """The exported file as a function of one (3, H, W) image tensor returning CPU tensors."""
+    if fmt == "torchscript":
+        module = torch.jit.load(path, map_location="cpu")
+        return torch.no_grad()(lambda image: tuple(module(image.cpu())))
+    _require_onnx()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda image: tuple(torch.from_numpy(o) for o in session.run(None, {name: image.cpu().numpy()}))
+
+
+@dataclass
+class Check:
+    """One image's comparison of the exported file with the eager model."""
+    name: str
+    size: Tuple[int, int]
+    detections: int
+    box_diff: float  # max |exported - eager| in pixels
+    box_rel_diff: float  # the same divided by max(|eager|, 1)
+    score_diff: float
+    mask_iou: Optional[float] = None  # smallest IoU of the masks thresholded at 0.5 (Mask R-CNN)
+
+    def line(self) -> str:
+        masks = f", min mask IoU {self.mask_iou:.4f}" if self.mask_iou is not None else ""
+        return (f"{self.name} ({self.size[0]}x{self.size[1]}): {self.detections} detections, max box difference "
+                f"{self.box_diff:.2e} px ({self.box_rel_diff:.2e} relative), max score difference "
+                f"{self.score_diff:.2e}{masks}")
+
+
+BOX_RTOL, SCORE_ATOL, MASK_MIN_IOU = 1e-3, 1e-3, 0.99
+
+
+def _pairing(eager, outputs) -> Optional[torch.Tensor]:
+    """For each eager detection the index of the exported one with its label and the nearest box, or None
+    unless that pairs them one to one. Detections are paired, not compared in order: two scores equal to
+    float precision may come out of NMS and top-k in either order."""
+    boxes, labels = outputs["boxes"].to(torch.float32), outputs["labels"].to(torch.int64)
+    distance = (boxes[None] - eager["boxes"][:, None]).abs().amax(-1)
+    distance = distance.masked_fill(eager["labels"][:, None] != labels[None], float("inf"))
+    if not len(distance):
+        return torch.zeros(0, dtype=torch.int64)
+    nearest = distance.min(1)
+    if not torch.isfinite(nearest.values).all() or len(set(nearest.indices.tolist())) != len(distance):
+        return None
+    return nearest.indices
+
+
+def compare(model: nn.Module, run: Callable, image: torch.Tensor, name: str) -> Check:
+    """Run the eager model and the exported file on `image`; raise ExportError unless they give the same
+    detections (count, labels), boxes within BOX_RTOL relative, scores within SCORE_ATOL and, for a
+    Mask R-CNN, masks with IoU above MASK_MIN_IOU after pasting."""
+    from segmentation.paste import paste_masks
+
+    with torch.no_grad():
+        eager = model.eval()([image])[0]
+    outputs = dict(zip(OUTPUTS, run(image)))
+    size = tuple(image.shape[-2:])
+    eager = {k: v.cpu() for k, v in eager.items()}
+    n = len(eager["boxes"])
+    order = _pairing(eager, outputs) if len(outputs["boxes"]) == n else None
+    if order is None:
+        raise ExportError(f"{name}: the exported model gives {len(outputs['boxes'])} detections with labels "
+                          f"{outputs['labels'].tolist()[:10]}..., the eager model {n} with "
+                          f"{eager['labels'].tolist()[:10]}...; they cannot be paired label for label")
+    outputs = {k: v[order] for k, v in outputs.items()}
+    diff = (outputs["boxes"] - eager["boxes"]).abs()
+    rel = diff / eager["boxes"].abs().clamp(min=1)
+    check = Check(name, size, n, float(diff.max()) if n else 0.0, float(rel.max()) if n else 0.0,
+                  float((outputs["scores"] - eager["scores"]).abs().max()) if n else 0.0)
+    if "masks" in eager:
+        if tuple(outputs["masks"].shape[1:2]) != (1,) or len(outputs["masks"]) != n:
+            raise ExportError(f"{name}: exported masks have shape {tuple(outputs['masks'].shape)}, "
+                              f"expected ({n}, 1, M, M)")
+        pasted = paste_masks(outputs["masks"], outputs["boxes"], size) >= 0.5
+        reference = eager["masks"] >= 0.5
+        inter = (pasted & reference).flatten(1).sum(1)
+        union = (pasted | reference).flatten(1).sum(1)
+        # Two empty masks agree perfectly.
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones(()))
+        check.mask_iou = float(iou.min()) if n else 1.0
+    if check.box_rel_diff > BOX_RTOL or check.score_diff > SCORE_ATOL or (check.mask_iou or 1.0) < MASK_MIN_IOU:
+        raise ExportError(f"the exported model does not give the eager model's detections on {check.line()}; "
+                          f"allowed: box difference {BOX_RTOL} relative, score {SCORE_ATOL}, mask IoU {MASK_MIN_IOU}")
+    return check
+
+
+def synthetic_image(height: int = 480, width: int = 640, seed: int = 0) -> torch.Tensor:
+    """A (3, H, W) uint8 image of smooth colour gradients and rectangles, for a check without files."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    image = torch.stack([x, y, (x + y) / 2]) * 200
+    for _ in range(6):
+        x0, y0, w, h = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+                        [(0, width - 40), (0, height - 40), (20, width // 3), (20, height // 3)])
+        image[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g) * 255
+    return image.to(torch.uint8)
+
+
+def read_images(paths: Sequence[str]) -> List[Tuple[str, torch.Tensor]]:
+    """(name, (3, H, W) uint8) for image files and the images in folders."""
+    from engine.data.decode import read_image
+
+    from .inference import list_images
+
+    files = list_images(paths)
+    if not files:
+        raise ExportError(f"no images found in {', '.join(paths)} (for --check-images)")
+    return [(os.path.basename(f), torch.from_numpy(np.ascontiguousarray(read_image(f))).permute(2, 0, 1))
+            for f in files]
+
+
+def export_and_check(model: nn.Module, path: str, fmt: str, images: Sequence[Tuple[str, torch.Tensor]] = (),
+                     dtype: torch.dtype = torch.uint8, optimize: bool = True) -> List[Check]:
+    """Export `model` to `path` and compare the file with the eager model on `images` ((name, (3, H, W)
+    uint8) pairs; default: one synthetic image). The file takes `dtype` images: uint8, or float32 in [0, 1]."""
+    images = list(images) or [("synthetic", synthetic_image())]
+    convert = (lambda im: im) if dtype == torch.uint8 else (lambda im: im.to(dtype) / 255)
+    model = model.eval()
+    export(model, path, fmt, convert(images[0][1]), optimize)
+    run = load(path, fmt)
+    checks = []
+    for name, image in images:
+        _check_side(image)
+        checks.append(compare(model, run, convert(image), name))
+    return checks

@@ -1,0 +1,144 @@
+"""`tools/convert_weights.py --check`: the source framework's model and ours, each given its own side of a
+conversion, run on the same random input, and the largest difference printed. Runs where the other
+framework is importable (torchvision always; timm when installed; Detectron2 is not installable here, so
+its conversions are not checked this way).
+"""
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from backbones.resnet import DEPTHS, ResNet
+from backbones.weights import resnet_config
+from engine.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-4  # of the largest output value: float32 through ~50 layers of the same operations
+
+
+@dataclass
+class CheckResult:
+    lines: List[str]
+    ok: bool
+
+    def __str__(self):
+        return "\n".join(self.lines)
+
+
+def _difference(name: str, ours: torch.Tensor, theirs: torch.Tensor):
+    scale = theirs.abs().max().item() if theirs.numel() else 0.0
+    diff = (ours - theirs).abs().max().item() if theirs.numel() else 0.0
+    ok = ours.shape == theirs.shape and diff <= RTOL * max(scale, 1.0)
+    return f"  {name}: max |ours - theirs| = {diff:.3g} (largest |value| {scale:.3g})", ok
+
+
+def _random_images(n=2, size=160):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _torchvision_resnet(config: dict):
+    from torchvision.models import resnet
+
+    block = resnet.Bottleneck if DEPTHS[config["depth"]][0].__name__ == "Bottleneck" else resnet.BasicBlock
+    return resnet.ResNet(block, list(DEPTHS[config["depth"]][1]), num_classes=config["num_classes"] or 1000,
+                         groups=config["groups"], width_per_group=config["width_per_group"])
+
+
+def _torchvision_features(model, x):
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, name)(x)
+    return x
+
+
+def _timm_resnet(config: dict):
+    from timm.layers import GroupNorm
+    from timm.models import resnet
+
+    deep = config["stem_type"] == "deep"
+    block = resnet.Bottleneck if DEPTHS[config["depth"]][0].__name__ == "Bottleneck" else resnet.BasicBlock
+    return resnet.ResNet(block, list(DEPTHS[config["depth"]][1]), num_classes=config["num_classes"] or 0,
+                         cardinality=config["groups"], base_width=config["width_per_group"],
+                         stem_width=32 if deep else 64, stem_type="deep" if deep else "",
+                         avg_down=config["avg_down"],
+                         norm_layer=GroupNorm if config["norm"] == "GN" else torch.nn.BatchNorm2d)
+
+
+def check_resnet(framework: str, theirs_state: Dict[str, torch.Tensor], ours_state: Dict[str, torch.Tensor],
+                 avg_down: bool = False) -> CheckResult:
+    """Logits (or, without a classifier, the last stage's features) of the two ResNets."""
+    config = dict(resnet_config(ours_state), avg_down=avg_down)
+    ours = ResNet(**config).eval()
+    ours.load_state_dict(ours_state, strict=False)
+    theirs = (_timm_resnet if framework == "timm" else _torchvision_resnet)(config).eval()
+    missing, unexpected = theirs.load_state_dict(theirs_state, strict=False)
+    missing = [k for k in missing if not (config["num_classes"] is None and k.startswith("fc."))]
+    if missing or unexpected:
+        raise CheckpointError(f"--check: {framework}'s ResNet does not take the weights: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    x = _random_images()
+    with torch.no_grad():
+        if config["num_classes"]:
+            what, a, b = "logits", ours(x), theirs(x)
+        else:
+            features = theirs.forward_features(x) if framework == "timm" else _torchvision_features(theirs, x)
+            what, a, b = "res5 features", ours(x)["res5"], features
+    line, ok = _difference(f"{what} on random 2x3x160x160 input", a, b)
+    return CheckResult([f"--check against {framework}'s model:", line], ok)
+
+
+def check_torchvision_detector(theirs_state: Dict[str, torch.Tensor], ours_state: Dict[str, torch.Tensor]):
+    """FPN features on a random normalised batch, then the detections of both on one random image."""
+    from torchvision.models import detection
+
+    from .build import build_detector
+
+    mask = any(k.startswith("roi_heads.mask_head.") for k in ours_state)
+    classes = len(ours_state["roi_heads.predictor.cls_score.weight"])
+    name = "mrcnn" if mask else "frcnn"
+    ours = build_detector(REPO / "configs" / "torchvision" / f"{name}_r50_fpn.yaml",
+                          [f"model.num_classes={classes - 1}", "model.backbone.weights=null"]).eval()
+    ours.load_state_dict(ours_state, strict=False)
+    builder = "maskrcnn_resnet50_fpn" if mask else "fasterrcnn_resnet50_fpn"
+    theirs = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=classes).eval()
+    theirs.load_state_dict(theirs_state, strict=True)
+    lines, oks = [f"--check against torchvision's {builder}:"], []
+    x = _random_images(1, 256)
+    with torch.no_grad():
+        a, b = ours.backbone(x), theirs.backbone(x)
+        for level in b:
+            line, ok = _difference(f"FPN level {level} on a random 1x3x256x256 input", a[level], b[level])
+            lines.append(line)
+            oks.append(ok)
+        # A smooth random image, so that the real weights find some objects in it.
+        image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 10, generator=torch.Generator().manual_seed(0)),
+                                                size=(480, 600), mode="bilinear")[0]
+        da, db = ours([image])[0], theirs([image])[0]
+    n_a, n_b = len(da["boxes"]), len(db["boxes"])
+    if n_a != n_b:
+        lines.append(f"  detections on a random 480x600 image: ours {n_a}, theirs {n_b}")
+        oks.append(False)
+    else:
+        line, ok = _difference(f"boxes of the {n_a} detections on a random 480x600 image", da["boxes"], db["boxes"])
+        lines.append(line)
+        oks.append(ok and torch.equal(da["labels"], db["labels"]))
+    return CheckResult(lines, all(oks))
+
+
+def check_conversion(direction: str, framework: str, source: Dict[str, torch.Tensor],
+                     converted: Dict[str, torch.Tensor]) -> CheckResult:
+    """Compare the model of `source` (in `framework`'s names for --from, ours for --to) with the model of
+    `converted`."""
+    module = {"timm": "timm", "torchvision": "torchvision", "detectron2": "detectron2"}[framework]
+    if importlib.util.find_spec(module) is None:
+        return CheckResult([f"--check: {module} is not importable here, so the conversion was not run against "
+                            f"{framework}'s own model"], True)
+    theirs, ours = (source, converted) if direction == "from" else (converted, source)
+    if framework == "detectron2":
+        return CheckResult(["--check: running Detectron2's model is not implemented; the conversion was not "
+                            "checked against it"], True)
+    if any(k.startswith("backbone.") for k in ours):
+        return check_torchvision_detector(theirs, ours)
+    avg_down = any(".downsample.2." in k for k in theirs)
+    return check_resnet(framework, theirs, ours, avg_down)

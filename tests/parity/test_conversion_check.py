@@ -1,0 +1,63 @@
+"""tools/convert_weights.py --check: the other framework's model against ours on a random input."""
+import pytest
+import torch
+import torchvision
+
+from detection import weights as detection_weights
+from detection.weights_check import check_conversion
+from tests.conftest import randomize_norms, run_tool
+
+
+def torchvision_resnet18():
+    torch.manual_seed(0)
+    return randomize_norms(torchvision.models.resnet18(num_classes=10)).eval()
+
+
+def test_check_passes_for_a_right_conversion_both_ways(tmp_path, capsys):
+    torch.save(torchvision_resnet18().state_dict(), tmp_path / "tv.pth")
+    result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth",
+                      tmp_path / "ours.pth", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "--check against torchvision's model:\n  logits on random 2x3x160x160 input: max |ours - theirs| = " \
+           in result.stdout
+    result = run_tool(capsys, "convert_weights.py", "--to", "torchvision", tmp_path / "ours.pth",
+                      tmp_path / "back.pth", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "--check against torchvision's model:" in result.stdout
+
+
+def test_check_catches_a_wrong_conversion(tmp_path, capsys, monkeypatch):
+    """A converter that swaps two same-shaped tensors writes a file that loads, and --check fails it."""
+    right = detection_weights.CONVERTERS_IN["torchvision"]
+
+    def swapping(state):
+        conversion = right(state)
+        sd = conversion.state_dict
+        sd["res2.0.conv1.weight"], sd["res2.1.conv1.weight"] = sd["res2.1.conv1.weight"], sd["res2.0.conv1.weight"]
+        return conversion
+
+    monkeypatch.setitem(detection_weights.CONVERTERS_IN, "torchvision", swapping)
+    torch.save(torchvision_resnet18().state_dict(), tmp_path / "tv.pth")
+    result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth",
+                      tmp_path / "ours.pth", "--check")
+    assert result.returncode != 0
+    assert "--check: the converted model's outputs differ from torchvision's" in result.stderr
+
+
+def test_check_timm_resnet_d():
+    timm = pytest.importorskip("timm")
+    from backbones.weights import from_timm_resnet
+
+    torch.manual_seed(0)
+    theirs = randomize_norms(timm.create_model("resnet18d", pretrained=False, num_classes=0)).state_dict()
+    result = check_conversion("from", "timm", theirs, from_timm_resnet(theirs).state_dict)
+    assert result.ok, str(result)
+    assert "res5 features" in str(result)  # no classifier: the last stage is compared
+
+
+def test_check_without_the_framework_says_so(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    result = check_conversion("from", "timm", {}, {})
+    assert result.ok and "timm is not importable here" in str(result)

@@ -1,0 +1,138 @@
+"""tools/export.py and detection/export.py: one exported file (ONNX through torch.export, TorchScript through
+tracing) per model serves images of every size and gives the eager model's detections on real images,
+images without detections included (empty outputs of the right shapes).
+
+A small Mask R-CNN (R18, 320 px) with random weights: the classifier scaled by 8 and test.score_thresh=0.3
+give 0 to 100 detections per image with scores spread over 0.3-0.7; mask logits scaled by 100 keep the
+masks away from the 0.5 threshold. A uniform grey image gives no detection at all, and so does one of the
+real images; the grey one comes first, so the graph is recorded on an image without detections."""
+import os
+
+import pytest
+import torch
+
+from detection.build import build_detector
+from detection.export import compare, export, export_and_check, load, read_images
+from engine.errors import ExportError
+from tests.conftest import REPO, SHARED_DATA, randomize_norms, run_tool
+
+OVERRIDES = ["model.backbone.weights=null", "model.backbone.depth=18", "input.min_size_test=320",
+             "input.max_size_test=512", "test.score_thresh=0.3", "device=cpu"]
+# Portrait 640x427 (42 detections), landscape 480x640 (92), small 230x352 (none).
+IMAGES = ["000000006818.jpg", "000000017627.jpg", "000000037777.jpg"]
+GREY = ("grey", torch.full((3, 200, 300), 128, dtype=torch.uint8))
+
+
+def small_detector(name):
+    torch.manual_seed(0)
+    model = randomize_norms(build_detector(REPO / "configs" / f"{name}.yaml", OVERRIDES)).eval()
+    with torch.no_grad():
+        model.roi_heads.predictor.cls_score.weight.mul_(8.0)
+        if name.startswith("mrcnn"):
+            model.roi_heads.mask_head.predictor.weight.mul_(100.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_detector("mrcnn_r50")
+
+
+@pytest.fixture(scope="module")
+def images():
+    folder = SHARED_DATA / "tiny_coco" / "val2017"
+    if not folder.is_dir():
+        pytest.skip(f"tiny_coco not found at {folder} (real COCO subsets live in ../shared/data)")
+    return [GREY] + read_images([str(folder / name) for name in IMAGES])
+
+
+def assert_agrees(checks, images):
+    assert [c.name for c in checks] == [name for name, _ in images]
+    assert len({c.size for c in checks}) == len(checks), "one file, images of different sizes"
+    counts = [c.detections for c in checks]
+    assert counts[0] == 0 and 0 in counts[1:] and max(counts) >= 20, counts
+    for c in checks:
+        assert c.box_rel_diff <= 1e-3 and c.score_diff <= 1e-3, c.line()
+        assert c.mask_iou > 0.99, c.line()
+
+
+def assert_empty(outputs):
+    boxes, labels, scores, masks = outputs
+    assert boxes.shape == (0, 4) and labels.shape == (0,) and scores.shape == (0,) and masks.shape == (0, 1, 28, 28)
+    assert labels.dtype == torch.int64 and boxes.dtype == scores.dtype == masks.dtype == torch.float32
+
+
+def test_onnx_file_gives_eager_detections_at_every_size(model, images, tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install onnx onnxruntime")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
+    path = tmp_path / "mrcnn.onnx"
+    # optimize=False: the same graph without the optimiser's rewrites, a third faster to export.
+    images = images[:2] + images[3:]  # grey, portrait 640x427, small 230x352: the three sizes, fewer runs
+    checks = export_and_check(model, str(path), "onnx", images, optimize=False)
+    assert_agrees(checks, images)
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert [o.name for o in graph.output] == ["boxes", "labels", "scores", "masks"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 3 and dims[1].dim_param and dims[2].dim_param, "height and width are dynamic"
+    assert_empty(load(str(path), "onnx")(torch.zeros(3, 64, 96, dtype=torch.uint8) + 128))
+
+
+def test_tool_writes_faster_rcnn_torchscript_that_gives_eager_detections(tmp_path, capsys):
+    """The whole tool on a Faster R-CNN checkpoint (no masks: three outputs), recorded on the first image."""
+    model = small_detector("frcnn_r50")
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    files = [str(SHARED_DATA / "tiny_coco" / "val2017" / name) for name in IMAGES]
+    if not all(map(os.path.isfile, files)):
+        pytest.skip(f"tiny_coco images not found in {SHARED_DATA} (real COCO subsets live in ../shared/data)")
+    result = run_tool(capsys, "export.py", REPO / "configs" / "frcnn_r50.yaml", *OVERRIDES, "--weights",
+                      tmp_path / "model.pth", "--format", "torchscript", "--output", tmp_path / "f.pt",
+                      "--check-images", *files)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    with torch.no_grad():
+        counts = [len(model([image])[0]["boxes"]) for _, image in read_images(files)]
+    assert max(counts) >= 20 and min(counts) == 0, counts
+    assert [line.split(" detections")[0] for line in lines[:3]] == [
+        f"000000006818.jpg (640x427): {counts[0]}", f"000000017627.jpg (480x640): {counts[1]}",
+        f"000000037777.jpg (230x352): {counts[2]}"]
+    assert "mask" not in result.stdout and lines[-1].endswith("agrees with the eager model on 3 image(s)")
+    outputs = load(str(tmp_path / "f.pt"), "torchscript")(GREY[1])
+    assert [tuple(o.shape) for o in outputs] == [(0, 4), (0,), (0,)]
+
+
+def test_mask_rcnn_torchscript_recorded_without_detections_on_float_images(model, images, tmp_path):
+    floats = [(name, image.float() / 255) for name, image in images]
+    export(model, str(tmp_path / "m.pt"), "torchscript", floats[0][1])
+    run = load(str(tmp_path / "m.pt"), "torchscript")
+    assert_agrees([compare(model, run, image, name) for name, image in floats], images)
+    assert_empty(run(torch.full((3, 64, 96), 0.5)))
+
+
+def test_disagreement_is_an_error_naming_the_image(model, images):
+    image = images[1][1]
+    with torch.no_grad():
+        eager = model([image])[0]
+    assert len(eager["boxes"]) == 42
+    masks = torch.zeros(42, 1, 28, 28)
+    shifted = (eager["boxes"] + 2.0, eager["labels"], eager["scores"], masks)
+    with pytest.raises(ExportError, match=r"^the exported model does not give the eager model's detections on "
+                                          r"img \(640x427\): 42 detections, .* allowed: box difference 0.001 relative"):
+        compare(model, lambda im: shifted, image, "img")
+    relabelled = (eager["boxes"], eager["labels"] % 80 + 1, eager["scores"], masks)
+    with pytest.raises(ExportError, match=r"^img: the exported model gives 42 detections .* cannot be paired"):
+        compare(model, lambda im: relabelled, image, "img")
+
+
+def test_missing_onnxruntime_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    result = run_tool(capsys, "export.py", REPO / "configs" / "frcnn_r50.yaml", *OVERRIDES, "--format", "onnx",
+                      "--output", tmp_path / "m.onnx")
+    assert result.returncode == 2
+    assert "error: ONNX export needs onnxruntime: pip install onnx onnxruntime onnxscript" in result.stderr
+
+
+def test_image_size_outside_the_graph_range_is_refused(model, tmp_path):
+    with pytest.raises(ExportError, match=r"32 <= H, W <= 4096, got shape \(3, 20, 300\)"):
+        export(model, str(tmp_path / "m.pt"), "torchscript", torch.zeros(3, 20, 300, dtype=torch.uint8))
