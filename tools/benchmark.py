@@ -1,0 +1,71 @@
+"""Time our detector against torchvision's, side by side: same weights, same images, same settings.
+
+    python tools/benchmark.py configs/torchvision/frcnn_r50_fpn.yaml --task infer --vs torchvision --iters 10
+    python tools/benchmark.py configs/torchvision/mrcnn_r50_fpn.yaml --task train --vs torchvision \\
+        --image-size 512x683 --batch 2 --iters 5
+
+Warm-up calls first, then --iters timed calls of each side, alternating the order; prints median, min,
+max, peak memory and GFLOP/s, and writes the table as JSON (--output). On a GPU (device=cuda) calls are
+timed with CUDA events and peak memory is the allocator's.
+"""
+import sys
+
+import torch
+
+from detection.benchmark import infer_sides, train_sides
+from engine.benchmark import compare
+from engine.cli import parser_for, run
+from engine.config import as_config
+from engine.device import resolve_device
+from engine.errors import ConfigError
+
+TASKS = ("infer", "train")
+
+
+def image_size(text: str):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image-size takes HxW, e.g. 800x1216, got {text!r}") from None
+    return h, w
+
+
+def main(argv=None):
+    parser = parser_for(__doc__)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--vs", choices=["torchvision"], action="append", default=[],
+                        help="the peer implementation to time against")
+    parser.add_argument("--weights", help="detector weights (default: the config's model, seeded)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--image-size", type=image_size, default=None,
+                        help="HxW of the input image (default: 800x1216 for infer, 512x683 for train)")
+    parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (CPU)")
+    parser.add_argument("--output", default=None, help="JSON file for the table (default: OUTPUT_DIR/benchmark_TASK.json)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = as_config(args.config, args.overrides)
+    device = resolve_device(cfg.device)
+    size = args.image_size or ((800, 1216) if args.task == "infer" else (512, 683))
+    # The image is given at the size to measure: both models resize it to itself.
+    short, long = min(size), max(size)
+    overrides = list(args.overrides) + [f"input.min_size_test={short}", f"input.max_size_test={long}",
+                                        f"input.min_size_train=[{short}]", f"input.max_size_train={long}"]
+    settings = {"config": args.config, "image_size": f"{size[0]}x{size[1]}", "threads": torch.get_num_threads()}
+    if args.task == "infer":
+        sides = infer_sides(args.config, overrides, args.weights, size, args.seed, device, args.vs)
+    else:
+        settings["batch"] = args.batch
+        sides = train_sides(args.config, overrides, args.weights, size, args.batch, args.seed, device, args.vs)
+    report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory)
+    print(report.table())
+    output = args.output or f"{cfg.output_dir}/benchmark_{args.task}.json"
+    report.write(output)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
