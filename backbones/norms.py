@@ -65,6 +65,50 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def fixed_affine(norm: nn.Module):
+    """(scale, shift) of a norm that is a fixed per-channel affine map: FrozenBN, or BatchNorm in eval mode
+    with running statistics; None for any other (training BN, GN, none)."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return norm.scale_and_shift()
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.track_running_stats:
+        scale = (norm.running_var + norm.eps).rsqrt()
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+        return scale, shift
+    return None
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)). Where the norm is a fixed affine map and no gradient is wanted (inference, frozen
+    layers), it is folded into the convolution's weights and bias: one pass over the output instead of
+    three (conv, multiply, add), for the same result up to float rounding."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+        affine = fixed_affine(norm)
+        if affine is not None:
+            scale, shift = affine
+            weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+    return norm(conv(x))
+
+
+class FoldedSequential(nn.Sequential):
+    """nn.Sequential whose Conv2d -> norm pairs run as `conv_norm` (same modules, same state dict keys)."""
+
+    def forward(self, x):
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            if isinstance(modules[i], nn.Conv2d) and i + 1 < len(modules):
+                x = conv_norm(modules[i], modules[i + 1], x)
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
+        return x
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the whole batch, over every process of a
     distributed run (SyncBN). On GPUs it runs torch's fused SyncBatchNorm kernels. Between CPU processes

@@ -14,7 +14,7 @@ from torch import nn
 from engine.errors import ConfigError
 
 from .base import Backbone, ShapeSpec
-from .norms import FrozenBatchNorm2d, get_norm
+from .norms import FoldedSequential, FrozenBatchNorm2d, conv_norm, get_norm
 
 SHORTCUTS = ("A", "B", "C")
 STEM_TYPES = ("basic", "deep")
@@ -56,7 +56,7 @@ class Projection(nn.Module):
     def forward(self, x):
         if self.pool is not None:
             x = self.pool(x)
-        return self.norm(self.conv(x))
+        return conv_norm(self.conv, self.norm, x)
 
 
 def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_groups, avg_down=False):
@@ -101,10 +101,10 @@ class BasicBlock(nn.Module):
         return self.norm2
 
     def forward(self, x):
-        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
-        out = self.norm2(self.conv2(out))
+        out = F.relu(conv_norm(self.conv1, self.norm1, x), inplace=True)
+        out = conv_norm(self.conv2, self.norm2, out)
         if not self.plain:
-            out = out + (x if self.shortcut is None else self.shortcut(x))
+            out += x if self.shortcut is None else self.shortcut(x)  # in place: no new activation
         return F.relu(out, inplace=True)
 
 
@@ -142,11 +142,11 @@ class Bottleneck(nn.Module):
         return self.norm3
 
     def forward(self, x):
-        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
-        out = F.relu(self.norm2(self.conv2(out)), inplace=True)
-        out = self.norm3(self.conv3(out))
+        out = F.relu(conv_norm(self.conv1, self.norm1, x), inplace=True)
+        out = F.relu(conv_norm(self.conv2, self.norm2, out), inplace=True)
+        out = conv_norm(self.conv3, self.norm3, out)
         if not self.plain:
-            out = out + (x if self.shortcut is None else self.shortcut(x))
+            out += x if self.shortcut is None else self.shortcut(x)  # in place: no new activation
         return F.relu(out, inplace=True)
 
 
@@ -190,7 +190,7 @@ def make_stem(stem_type: str, in_channels: int, norm: str, num_groups: int) -> n
                 layers[f"relu{i}"] = nn.ReLU(inplace=True)
     layers["relu"] = nn.ReLU(inplace=True)
     layers["pool"] = nn.MaxPool2d(3, stride=2, padding=1)
-    return nn.Sequential(layers)
+    return FoldedSequential(layers)
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool):

@@ -28,3 +28,40 @@ def test_get_norm_errors():
         get_norm("IN", 8)
     with pytest.raises(ConfigError, match="divisible"):
         get_norm("GN", 30, num_groups=32)
+
+
+@pytest.mark.parametrize("kind", ["FrozenBN", "eval BN"])
+def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
+    """Without gradients a fixed affine norm is folded into the convolution: the same output up to float
+    rounding, and the norm's own forward never runs."""
+    from backbones.norms import FoldedSequential, conv_norm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=kind == "eval BN")
+    norm = FrozenBatchNorm2d(16) if kind == "FrozenBN" else torch.nn.BatchNorm2d(16).eval()
+    randomize_norms(norm)
+    x = torch.randn(2, 8, 10, 12)
+    expected = norm(conv(x))
+    calls = []
+    norm.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        folded = conv_norm(conv, norm, x)
+        sequential = FoldedSequential(conv, norm, torch.nn.ReLU())(x)
+    assert not calls
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequential, expected.relu(), rtol=1e-5, atol=1e-5)
+    # With gradients wanted, the norm runs as itself, so that training is exactly as before.
+    out = conv_norm(conv, norm, x)
+    assert calls and torch.equal(out, expected)
+    out.sum().backward()
+    assert conv.weight.grad is not None
+
+
+def test_conv_norm_leaves_training_batchnorm_alone():
+    from backbones.norms import conv_norm
+
+    conv, norm = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)  # training: batch statistics
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():
+        out = conv_norm(conv, norm, x)
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)  # normalised by the batch
