@@ -4,6 +4,8 @@ Detection fine-tunes with batches of 1-2 images per device, where batch statisti
 reference detectors freeze BN into a fixed affine transform (FrozenBN) or synchronise it across devices
 (SyncBN) or use GroupNorm (Wu & He 2018), which does not depend on the batch at all.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -79,11 +81,26 @@ def fixed_affine(norm: nn.Module):
     return None
 
 
+_FOLD = [True]  # see unfolded_norms
+
+
+@contextlib.contextmanager
+def unfolded_norms():
+    """Within the block, `conv_norm` runs the norm after the convolution as it is written, never folded:
+    the arithmetic of frameworks that do not fold (torchvision, Detectron2), to the last bit, for tests
+    that compare with them exactly."""
+    _FOLD[0] = False
+    try:
+        yield
+    finally:
+        _FOLD[0] = True
+
+
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """norm(conv(x)). Where the norm is a fixed affine map and no gradient is wanted (inference, frozen
     layers), it is folded into the convolution's weights and bias: one pass over the output instead of
-    three (conv, multiply, add), for the same result up to float rounding."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+    three (conv, multiply, add), for the same result up to float rounding (`unfolded_norms` turns it off)."""
+    if _FOLD[0] and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
         affine = fixed_affine(norm)
         if affine is not None:
             scale, shift = affine

@@ -34,7 +34,7 @@ def test_get_norm_errors():
 def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     """Without gradients a fixed affine norm is folded into the convolution: the same output up to float
     rounding, and the norm's own forward never runs."""
-    from backbones.norms import FoldedSequential, conv_norm
+    from backbones.norms import FoldedSequential, conv_norm, unfolded_norms
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=kind == "eval BN")
@@ -50,6 +50,9 @@ def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     assert not calls
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sequential, expected.relu(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), unfolded_norms():  # the arithmetic of frameworks that do not fold, exactly
+        assert torch.equal(conv_norm(conv, norm, x), expected) and len(calls) == 1
+    calls.clear()
     # With gradients wanted, the norm runs as itself, so that training is exactly as before.
     out = conv_norm(conv, norm, x)
     assert calls and torch.equal(out, expected)
