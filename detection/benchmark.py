@@ -178,3 +178,72 @@ def setup_train(impl: str, config, overrides, weights, size, batch, seed, device
 def train_sides(config, overrides, weights, size, batch, seed, device, peers: List[str]) -> List[Side]:
     return [Side(impl, functools.partial(setup_train, impl, config, list(overrides), weights, tuple(size),
                                          batch, seed, device)) for impl in ["ours"] + peers]
+
+
+def synthetic_coco(num_images: int, seed: int, per_image: int = 7, categories: int = 80):
+    """A COCO ground truth of `num_images` 640x480 images with `per_image` boxes each, and detections as a
+    detector makes them: every object found with a jittered box and a score, plus as many false positives."""
+    g = torch.Generator().manual_seed(seed)
+    images, annotations, detections = [], [], []
+    for i in range(1, num_images + 1):
+        images.append({"id": i, "width": 640, "height": 480, "file_name": f"{i:012d}.jpg"})
+        xy = torch.rand(per_image, 2, generator=g) * torch.tensor([500.0, 350.0])
+        wh = torch.rand(per_image, 2, generator=g) * torch.tensor([130.0, 120.0]) + 8
+        labels = torch.randint(1, categories + 1, (per_image,), generator=g)
+        jitter = torch.randn(per_image, 4, generator=g) * 4
+        scores = torch.rand(2 * per_image, generator=g)
+        false_xy = torch.rand(per_image, 2, generator=g) * torch.tensor([500.0, 350.0])
+        for k in range(per_image):
+            x, y, w, h = xy[k, 0].item(), xy[k, 1].item(), wh[k, 0].item(), wh[k, 1].item()
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(labels[k]),
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            jx, jy, jw, jh = jitter[k].tolist()
+            detections.append({"image_id": i, "category_id": int(labels[k]), "score": float(scores[k]),
+                               "bbox": [x + jx, y + jy, max(1.0, w + jw), max(1.0, h + jh)]})
+            detections.append({"image_id": i, "category_id": int(labels[(k + 1) % per_image]),
+                               "score": float(scores[per_image + k]),
+                               "bbox": [false_xy[k, 0].item(), false_xy[k, 1].item(), w, h]})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": c, "name": str(c)} for c in range(1, categories + 1)]}
+    return gt, detections
+
+
+def setup_eval(impl: str, num_images: int, seed: int) -> Callable[[], object]:
+    """COCO bbox evaluation of `synthetic_coco`: ours (evaluate_coco with faster-coco-eval underneath) or
+    pycocotools' COCOeval as users call it (loadRes, evaluate, accumulate, summarize)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from .evaluation.coco_eval import evaluate_coco
+
+    dataset, detections = synthetic_coco(num_images, seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+
+    def ours():
+        return evaluate_coco(gt, detections, "bbox", backend="faster_coco_eval").stats
+
+    def pycocotools():
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), "bbox")
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        return [float(s) for s in coco_eval.stats]
+
+    return ours if impl == "ours" else pycocotools
+
+
+def eval_sides(num_images: int, seed: int, peers: List[str]) -> List[Side]:
+    """The two must give the same 12 numbers: checked here once, before anything is timed."""
+    sides = [Side(impl, functools.partial(setup_eval, impl, num_images, seed)) for impl in ["ours"] + peers]
+    results = [side.setup()() for side in sides]
+    for side, stats in zip(sides[1:], results[1:]):
+        if [round(float(s), 12) for s in stats] != [round(float(s), 12) for s in results[0]]:
+            raise ConfigError(f"COCO evaluation: ours and {side.name} disagree: {results[0]} vs {stats}")
+    return sides

@@ -3,6 +3,7 @@
     python tools/benchmark.py configs/torchvision/frcnn_r50_fpn.yaml --task infer --vs torchvision --iters 10
     python tools/benchmark.py configs/torchvision/mrcnn_r50_fpn.yaml --task train --vs torchvision \\
         --image-size 512x683 --batch 2 --iters 5
+    python tools/benchmark.py configs/frcnn_r50.yaml --task eval --vs pycocotools --num-images 2000
 
 Warm-up calls first, then --iters timed calls of each side, alternating the order; prints median, min,
 max, peak memory and GFLOP/s, and writes the table as JSON (--output). On a GPU (device=cuda) calls are
@@ -12,14 +13,14 @@ import sys
 
 import torch
 
-from detection.benchmark import infer_sides, train_sides
+from detection.benchmark import eval_sides, infer_sides, train_sides
 from engine.benchmark import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
 from engine.device import resolve_device
 from engine.errors import ConfigError
 
-TASKS = ("infer", "train")
+TASKS = ("infer", "train", "eval")
 
 
 def image_size(text: str):
@@ -35,14 +36,15 @@ def main(argv=None):
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--vs", choices=["torchvision"], action="append", default=[],
-                        help="the peer implementation to time against")
+    parser.add_argument("--vs", choices=["torchvision", "pycocotools"], action="append", default=[],
+                        help="the peer implementation to time against (eval: pycocotools)")
     parser.add_argument("--weights", help="detector weights (default: the config's model, seeded)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--image-size", type=image_size, default=None,
                         help="HxW of the input image (default: 800x1216 for infer, 512x683 for train)")
     parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument("--num-images", type=int, default=2000, help="eval: images of the synthetic COCO set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (CPU)")
     parser.add_argument("--output", default=None, help="JSON file for the table (default: OUTPUT_DIR/benchmark_TASK.json)")
@@ -55,7 +57,14 @@ def main(argv=None):
     overrides = list(args.overrides) + [f"input.min_size_test={short}", f"input.max_size_test={long}",
                                         f"input.min_size_train=[{short}]", f"input.max_size_train={long}"]
     settings = {"config": args.config, "image_size": f"{size[0]}x{size[1]}", "threads": torch.get_num_threads()}
-    if args.task == "infer":
+    peers = {"eval": "pycocotools"}.get(args.task, "torchvision")
+    wrong = [p for p in args.vs if p != peers]
+    if wrong:
+        raise ConfigError(f"--task {args.task} compares with {peers}, not {', '.join(wrong)}")
+    if args.task == "eval":
+        settings = {"num_images": args.num_images, "detections": 14 * args.num_images}
+        sides = eval_sides(args.num_images, args.seed, args.vs)
+    elif args.task == "infer":
         sides = infer_sides(args.config, overrides, args.weights, size, args.seed, device, args.vs)
     else:
         settings["batch"] = args.batch

@@ -1,6 +1,7 @@
 """tools/benchmark.py: both sides time the same work, and the table and JSON say what was measured."""
 import json
 
+import pytest
 import torch
 
 from detection.benchmark import setup_infer
@@ -43,3 +44,18 @@ def test_benchmark_tool_writes_its_table(tmp_path, capsys):
     assert [s["name"] for s in table["sides"]] == ["ours", "torchvision"]
     assert table["settings"]["image_size"] == "128x160" and table["speedup"] > 0
     assert all(s["gflop"] > 1 for s in table["sides"])  # R50-FPN at 128x160: a few GFLOPs each
+
+
+def test_eval_benchmark_checks_identical_numbers_first(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    result = run_tool(capsys, "benchmark.py", CONFIG, "--task", "eval", "--vs", "pycocotools", "--num-images", "30",
+                      "--iters", "1", "--warmup", "0", "--no-memory", "--output", out)
+    assert result.returncode == 0, result.stderr
+    table = json.loads(out.read_text())
+    assert [s["name"] for s in table["sides"]] == ["ours", "pycocotools"]
+    from detection.benchmark import setup_eval
+    ours, theirs = setup_eval("ours", 30, 0)(), setup_eval("pycocotools", 30, 0)()
+    # The same 12 numbers (faster-coco-eval sums in another order: equal to 1e-12), and a non-trivial AP.
+    assert list(ours) == pytest.approx(theirs, abs=1e-12) and 0.2 < theirs[0] < 1.0
+    wrong = run_tool(capsys, "benchmark.py", CONFIG, "--task", "eval", "--vs", "torchvision", "--output", out)
+    assert wrong.returncode == 2 and "--task eval compares with pycocotools, not torchvision" in wrong.stderr
