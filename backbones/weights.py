@@ -218,6 +218,12 @@ def _read_pickle(path: str):
             for k, v in obj.items()}
 
 
+def key_list(keys, most: int = 8) -> str:
+    """Keys for a message: the first `most`, then how many more."""
+    keys = list(keys)
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
     """The state dict stored in `path`: our checkpoint format or a bare state dict (`torch.load` with
     weights_only=True), or a `.pkl` of numpy arrays from Detectron2 or Caffe2 (`_read_pickle`)."""

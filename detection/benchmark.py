@@ -56,12 +56,12 @@ def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str
     test settings. Only configs torchvision can express convert (configs/torchvision/*.yaml)."""
     from torchvision.models import detection
 
-    from .weights import to_torchvision_detector
+    from .weights import TORCHVISION_BUILDERS, to_torchvision_detector
 
     ours = our_detector(config, overrides, weights, seed)
     cfg = as_config(config, list(overrides) + ([] if weights else ["test.score_thresh=0.0"]))
     mask = cfg.model.name == "mask_rcnn"
-    builder = getattr(detection, "maskrcnn_resnet50_fpn" if mask else "fasterrcnn_resnet50_fpn")
+    builder = getattr(detection, TORCHVISION_BUILDERS[mask])
     r, t, i = cfg.model.rpn, cfg.test, cfg.input
     model = builder(weights=None, weights_backbone=None, num_classes=cfg.model.num_classes + 1,
                     min_size=i.min_size_test, max_size=i.max_size_test, image_mean=[0.485, 0.456, 0.406],

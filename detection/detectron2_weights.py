@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from backbones.weights import Conversion, check_fit, config_overrides, convert_keys, resnet_config
+from backbones.weights import Conversion, check_fit, config_overrides, convert_keys, key_list, resnet_config
 from engine.errors import CheckpointError
 
 # Detectron2's Conv2d carries its norm as `.norm`; ours are siblings (norm{k} next to conv{k}). The norm rows
@@ -70,10 +70,6 @@ def _reason_for(key: str):
     return next((why for part, why in _NOT_WEIGHTS.items() if key.startswith(part) or key.endswith(part)), None)
 
 
-def _names(keys: List[str], most: int = 8) -> str:
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
-
-
 def _backbone_settings(converted: Dict[str, torch.Tensor], prefix: str):
     """(config overrides, note) of the ResNet under `prefix`."""
     backbone = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
@@ -91,7 +87,7 @@ def from_detectron2_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     (configs/detectron2/{frcnn,mrcnn}_r50_fpn.yaml plus overrides) that the returned `what` names."""
     res5_head = sorted(k for k in state_dict if k.startswith("roi_heads.res5."))
     if res5_head:
-        raise CheckpointError(f"a Detectron2 C4 model (its box head is ResNet's res5: {_names(res5_head)}); only "
+        raise CheckpointError(f"a Detectron2 C4 model (its box head is ResNet's res5: {key_list(res5_head)}); only "
                               "FPN models (R50/R101/X101-FPN) convert: our detectors have no res5 RoI head")
     if "backbone.fpn_lateral2.weight" not in state_dict:
         fpn_less = sorted(k for k in state_dict if k.startswith(("backbone.", "proposal_generator.")))[:3]
@@ -107,7 +103,7 @@ def from_detectron2_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
             weights[key] = value
     converted, unknown = convert_keys(weights, DETECTRON2_KEYS)
     if unknown:
-        raise CheckpointError(f"Detectron2 tensors no module of ours holds ({len(unknown)}): {_names(sorted(unknown))}; "
+        raise CheckpointError(f"Detectron2 tensors no module of ours holds ({len(unknown)}): {key_list(sorted(unknown))}; "
                               "refused, since a network without them computes something else (norms in the FPN "
                               "or heads, a 4conv1fc box head, cascade or keypoint heads do not convert)")
     added: Dict[str, List[str]] = {}
@@ -181,7 +177,7 @@ def _check_detector_fit(converted, base: str, overrides: List[str], kind: str):
         model = build_detector(base, ["model.backbone.weights=null", "model.weights=null"] + overrides)
     source = f"Detectron2's {kind} ({base} {' '.join(overrides)})"
     fit = check_fit(model.state_dict(), converted, source)
-    problems = [f"{len(keys)} {what}: {_names(keys)}" for what, keys in
+    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in
                 [("with no place in it", fit.unexpected), ("of the model's missing", fit.missing)] if keys]
     if problems:
         raise CheckpointError(f"{source} does not fit the model its tensors describe: " + "; ".join(problems))
@@ -241,7 +237,7 @@ def from_caffe2_resnet(blobs: Dict[str, torch.Tensor]) -> Conversion:
         else:
             converted[name] = value
     if unknown:
-        raise CheckpointError(f"Caffe2 blobs that are not a ResNet's ({len(unknown)}): {_names(sorted(unknown))}; "
+        raise CheckpointError(f"Caffe2 blobs that are not a ResNet's ({len(unknown)}): {key_list(sorted(unknown))}; "
                               "refused (only ResNet/ResNeXt ImageNet files such as R-50.pkl convert)")
     added: Dict[str, List[str]] = {}
     for key in sorted(k for k in converted if k.endswith("norm1.weight") or k.endswith("norm2.weight")

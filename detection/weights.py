@@ -3,7 +3,7 @@ from typing import Dict
 
 import torch
 
-from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys,
+from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys, key_list,
                                from_timm_resnet, from_torchvision_resnet, to_torchvision_resnet)
 from engine.errors import CheckpointError
 
@@ -67,6 +67,10 @@ def from_torchvision(state_dict) -> Conversion:
     return Conversion(from_torchvision_resnet(state_dict), "torchvision's ResNet")
 
 
+# torchvision's builder of the detector our R50-FPN model matches, by whether it has masks.
+TORCHVISION_BUILDERS = {False: "fasterrcnn_resnet50_fpn", True: "maskrcnn_resnet50_fpn"}
+
+
 def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, torch.Tensor]:
     """The state dict of torchvision's `builder`(weights=None, ...) as shapes only (meta tensors)."""
     from torchvision.models import detection  # 2 s to import; only this conversion needs it
@@ -74,10 +78,6 @@ def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, to
     with torch.device("meta"):
         model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
     return model.state_dict()
-
-
-def _names(keys, most=10):
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
@@ -88,13 +88,13 @@ def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     if classifier is None:
         raise CheckpointError(f"our {kind} without 'roi_heads.predictor.cls_score.weight': torchvision's "
                               "detectors need a box classifier of that name")
-    builder = {"Faster R-CNN": "fasterrcnn_resnet50_fpn", "Mask R-CNN": "maskrcnn_resnet50_fpn"}[kind]
+    builder = TORCHVISION_BUILDERS[kind == "Mask R-CNN"]
     target = f"torchvision's {builder}(weights=None, weights_backbone=None, num_classes={len(classifier)})"
     # torchvision's model in our names, so that every problem is named as the file names it.
     expected, _ = convert_keys(_torchvision_detector_shapes(builder, len(classifier)), TORCHVISION_DETECTION_KEYS)
     source = f"our {kind}, converted for {target},"
     fit = check_fit(expected, state_dict, source)  # a shape mismatch is an error naming every one
-    problems = [f"{len(keys)} {what}: {_names(keys)}" for what, keys in
+    problems = [f"{len(keys)} {what}: {key_list(keys, 10)}" for what, keys in
                 [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
                 if keys]
     if problems:

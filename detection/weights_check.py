@@ -93,6 +93,7 @@ def check_torchvision_detector(theirs_state: Dict[str, torch.Tensor], ours_state
     from torchvision.models import detection
 
     from .build import build_detector
+    from .weights import TORCHVISION_BUILDERS
 
     mask = any(k.startswith("roi_heads.mask_head.") for k in ours_state)
     classes = len(ours_state["roi_heads.predictor.cls_score.weight"])
@@ -100,7 +101,7 @@ def check_torchvision_detector(theirs_state: Dict[str, torch.Tensor], ours_state
     ours = build_detector(REPO / "configs" / "torchvision" / f"{name}_r50_fpn.yaml",
                           [f"model.num_classes={classes - 1}", "model.backbone.weights=null"]).eval()
     ours.load_state_dict(ours_state, strict=False)
-    builder = "maskrcnn_resnet50_fpn" if mask else "fasterrcnn_resnet50_fpn"
+    builder = TORCHVISION_BUILDERS[mask]
     theirs = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=classes).eval()
     theirs.load_state_dict(theirs_state, strict=True)
     lines, oks = [f"--check against torchvision's {builder}:"], []
