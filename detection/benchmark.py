@@ -247,3 +247,59 @@ def eval_sides(num_images: int, seed: int, peers: List[str]) -> List[Side]:
         if [round(float(s), 12) for s in stats] != [round(float(s), 12) for s in results[0]]:
             raise ConfigError(f"COCO evaluation: ours and {side.name} disagree: {results[0]} vs {stats}")
     return sides
+
+
+def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch.device):
+    """Does the training data pipeline keep up? Three measurements, in this order, on `cfg` as training
+    runs it (its data.train, transform, batch and data.num_workers):
+
+    1. the loader alone: seconds per batch fetched back to back after `warmup` batches (the workers'
+       start-up included in the warm-up): what the pipeline can deliver;
+    2. the training step alone (Trainer.run_step: forward, backward, optimizer; AMP and clipping as
+       configured), repeated on one batch: what training consumes;
+    3. training as it runs, the step fed by the loader: seconds per step and how much of it was spent
+       waiting for the next batch (the trainer's data_time).
+
+    Returns a Report whose two sides are (1) and (2), so its ratio is how many times faster the loader
+    delivers batches than the step consumes them; (3) is in `extra`."""
+    import statistics
+    import time
+
+    from engine.benchmark import Report, SideResult, synchronize, time_call
+    from engine.solver import build_optimizer
+    from engine.trainer import Trainer
+
+    from .data.build import build_detection_train_loader
+    from .train import _fill_categories, detection_step
+
+    loader = build_detection_train_loader(cfg)
+    _fill_categories(cfg, loader.dataset)
+    batches = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    fetch = [time_call(lambda: next(batches), torch.device("cpu")) for _ in range(iters)]
+
+    model = build_detector(cfg).to(device)
+    model.preprocessor.resize_in_training = False  # as in training: the loader's workers resize
+    trainer = Trainer(cfg, model, build_optimizer(cfg, model), batches, detection_step, None, None, device,
+                      cfg.solver.max_iter)
+    model.train()
+    batch = next(batches)
+    for it in range(warmup):
+        trainer.run_step(it, batch)
+    step = [time_call(lambda: trainer.run_step(0, batch), device) for _ in range(iters)]
+
+    waits, totals = [], []
+    for it in range(iters):
+        start = time.perf_counter()
+        fed = next(batches)
+        waits.append(time.perf_counter() - start)
+        trainer.run_step(it, fed)
+        synchronize(device)
+        totals.append(time.perf_counter() - start)
+    del batches, loader  # stops the workers
+    settings = {"config": config_name, "num_workers": cfg.data.num_workers,
+                "ims_per_batch": cfg.solver.ims_per_batch, "threads": torch.get_num_threads()}
+    extra = {"training_s_per_step": statistics.median(totals), "waiting_for_data_s_per_step": statistics.median(waits),
+             "waiting_for_data_fraction": sum(waits) / sum(totals)}
+    return Report("data", settings, [SideResult("loader", fetch), SideResult("train step", step)], extra)

@@ -1,17 +1,81 @@
 """RoIAlign (He et al. 2017) over FPN levels with the FPN paper's level assignment (Lin et al. 2017,
 Eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4, clamped to the available levels."""
 import math
+import os
 import sys
-from typing import Dict, List
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align as torchvision_roi_align
 
 from backbones.base import ShapeSpec
 from engine.errors import ConfigError
 
-from .structures import known_zero
+from .structures import known_zero, recording
+
+# torchvision's CPU RoIAlign kernels run on one core, forward and backward. Below this many RoIs a call
+# is too short (under ~10 ms) for threads to pay.
+THREADED_MIN_ROIS = 64
+_pool: List[Optional[ThreadPoolExecutor]] = [None]
+
+
+def _threads() -> ThreadPoolExecutor:
+    n = torch.get_num_threads()
+    if _pool[0] is None or _pool[0]._max_workers != n:
+        _pool[0] = ThreadPoolExecutor(n, thread_name_prefix="roi_align")
+    return _pool[0]
+
+
+if hasattr(os, "register_at_fork"):  # a forked process (a DataLoader worker) has none of the parent's threads
+    os.register_at_fork(after_in_child=lambda: _pool.__setitem__(0, None))
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's RoIAlign kernels, run on all of torch's threads: the forward pass on row blocks of
+    the RoIs (each output row depends on its RoI alone), the backward pass one image per thread (each
+    image's gradient receives from its own RoIs alone, added in the same order). Both give exactly what
+    the single call gives; the kernels release the GIL."""
+
+    @staticmethod
+    def forward(ctx, feature, rois, scale: float, size: Tuple[int, int], sampling_ratio: int, aligned: bool):
+        feature = feature.contiguous()  # once, not in every thread (the kernel needs NCHW)
+        pool = _threads()
+        blocks = rois.tensor_split(pool._max_workers)
+        outs = pool.map(lambda r: torch.ops.torchvision.roi_align(feature, r, scale, size[0], size[1],
+                                                                  sampling_ratio, aligned), blocks)
+        ctx.save_for_backward(rois)
+        ctx.args = (scale, size, sampling_ratio, aligned, tuple(feature.shape))
+        return torch.cat(list(outs))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rois,), (scale, size, sampling_ratio, aligned, shape) = ctx.saved_tensors, ctx.args
+        grad = grad.contiguous()
+        images = shape[0]
+
+        def image_grad(b):
+            idx = torch.nonzero(rois[:, 0] == b).squeeze(1)
+            if images > 1:
+                return torch.ops.torchvision._roi_align_backward(
+                    grad[idx], torch.cat([torch.zeros_like(rois[idx, :1]), rois[idx, 1:]], 1), scale, size[0],
+                    size[1], 1, *shape[1:], sampling_ratio, aligned)
+            return torch.ops.torchvision._roi_align_backward(grad, rois, scale, size[0], size[1], 1, *shape[1:],
+                                                            sampling_ratio, aligned)
+
+        parts = list(_threads().map(image_grad, range(images))) if images > 1 else [image_grad(0)]
+        return torch.cat(parts), None, None, None, None, None
+
+
+def roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
+              sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """torchvision.ops.roi_align with (K, 5) rois, on all of torch's CPU threads where that pays (eager
+    mode, enough RoIs); otherwise the single call. The results are the same to the bit."""
+    if (feature.device.type != "cpu" or torch.get_num_threads() < 2 or recording()
+            or rois.shape[0] < THREADED_MIN_ROIS):
+        return torchvision_roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _ThreadedRoIAlign.apply(feature, rois, spatial_scale, tuple(output_size), sampling_ratio, aligned)
 
 
 LEVEL_FORMULAS = ("shifted", "detectron2")

@@ -54,12 +54,18 @@ def size_min(a, b):
     return torch.sym_min(a, b)
 
 
+def recording() -> bool:
+    """Whether torch.export/torch.compile or torch.jit.trace is recording a graph (then eager-only shortcuts,
+    such as branching on a count or calling kernels from threads, must not be taken)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float):
     """torchvision's batched_nms (NMS within each group). While torch.export or a tracer records the
     graph, its offset form only, which torchvision itself uses for up to 1000 boxes on a CPU: each group's
     boxes are moved apart so one NMS never compares two groups. torchvision picks between its two forms
     by the box count, which a graph cannot branch on; the max over an extra 0 keeps no boxes legal."""
-    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if not recording():
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
     span = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max() + 1
     return nms(boxes + (groups.to(boxes) * span)[:, None], scores, iou_threshold)

@@ -54,6 +54,7 @@ class Report:
     task: str
     settings: Dict[str, object]
     sides: List[SideResult] = field(default_factory=list)
+    extra: Dict[str, float] = field(default_factory=dict)  # further figures of the task, printed and saved
 
     def ratio(self) -> Optional[float]:
         """The peer's median over ours: how many times faster ours is."""
@@ -61,7 +62,7 @@ class Report:
 
     def as_dict(self) -> Dict[str, object]:
         return {"task": self.task, "settings": self.settings, "machine": machine(),
-                "sides": [s.row() for s in self.sides], "speedup": self.ratio()}
+                "sides": [s.row() for s in self.sides], "speedup": self.ratio(), **self.extra}
 
     def table(self) -> str:
         header = f"{'':14}{'median s':>10}{'min s':>9}{'max s':>9}{'peak MB':>9}{'GFLOP/s':>9}"
@@ -73,6 +74,7 @@ class Report:
             lines.append(f"{s.name:14}{r['median_s']:10.3f}{r['min_s']:9.3f}{r['max_s']:9.3f}{mem:>9}{rate:>9}")
         if self.ratio():
             lines.append(f"{self.sides[0].name} is {self.ratio():.2f}x faster than {self.sides[1].name} (ratio of medians)")
+        lines += [f"{key}: {value:.3f}" for key, value in self.extra.items()]
         return "\n".join(lines)
 
     def write(self, path: str):

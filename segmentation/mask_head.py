@@ -2,7 +2,7 @@
 `num_conv` 3x3 convolutions, a 2x2 stride-2 deconvolution to 28x28 and a 1x1 convolution giving one mask
 logit map per class (or one for all classes). Training targets are the ground-truth masks resampled
 into each positive RoI; the loss is the per-pixel binary cross-entropy of the RoI's own class only."""
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,33 @@ class MaskHead(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S) pooled features -> (R, conv_dim, 2S, 2S), what the 1x1 predictor reads."""
         for k in range(1, self.num_conv + 1):
             x = getattr(self, f"fcn{k}")(x)
             if self.norm:
                 x = getattr(self, f"norm{k}")(x)
             x = F.relu(x)
-        return self.predictor(F.relu(self.deconv(x)))
+        return F.relu(self.deconv(x))
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every class's logits (R, K + 1, M, M); with `labels` (R,), each RoI's own class only, (R, M, M).
+
+        The loss and the pasted masks read one class per RoI, so that is all the second form computes: one
+        dot product per pixel with the label's row of the 1x1 predictor instead of K + 1 (91 for COCO). The
+        result is `select(forward(x), labels)` up to float rounding (a batched matrix product instead of a
+        convolution); the gradient reaches the same predictor rows."""
+        y = self.features(x)
+        if labels is None:
+            return self.predictor(y)
+        if self.class_agnostic:
+            return self.predictor(y)[:, 0]
+        weight = self.predictor.weight[labels].flatten(1)  # (R, C)
+        logits = torch.bmm(weight[:, None], y.flatten(2))  # (R, 1, M*M)
+        return logits.view(y.shape[0], *y.shape[2:]) + self.predictor.bias[labels].view(-1, 1, 1)
 
     def select(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(R, M, M) logits of each RoI's class."""
+        """(R, M, M) logits of each RoI's class, from every class's (R, K + 1, M, M)."""
         if self.class_agnostic:
             return logits[:, 0]
         return logits[torch.arange(logits.shape[0], device=logits.device), labels]  # a SymInt in export

@@ -33,16 +33,15 @@ class MaskRoIHeads(RoIHeads):
         per_image = positive.split(counts)
         rois = [p[f] for p, f in zip(proposals, per_image)]
         matched = [m[f] for m, f in zip(matched.split(counts), per_image)]
-        logits = self.mask_head(self.mask_pooler(features, rois))
+        logits = self.mask_head(self.mask_pooler(features, rois), labels[positive])
         size = logits.shape[-1]
         targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.pooler.aligned)
-        return {"loss_mask": mask_loss(self.mask_head.select(logits, labels[positive]), targets)}
+        return {"loss_mask": mask_loss(logits, targets)}
 
     def branch_outputs(self, features, detections):
         """Adds `masks` (N, 1, M, M) probabilities over each detection's box."""
-        logits = self.mask_head(self.mask_pooler(features, [d["boxes"] for d in detections]))
         labels = torch.cat([d["labels"] for d in detections])
-        probs = self.mask_head.select(logits, labels).sigmoid()[:, None]
+        probs = self.mask_head(self.mask_pooler(features, [d["boxes"] for d in detections]), labels).sigmoid()[:, None]
         # One image needs no split, and torch.export cannot split at counts it does not know.
         parts = (probs,) if len(detections) == 1 else probs.split([len(d["boxes"]) for d in detections])
         for d, p in zip(detections, parts):

@@ -4,6 +4,10 @@
     python tools/benchmark.py configs/torchvision/mrcnn_r50_fpn.yaml --task train --vs torchvision \\
         --image-size 512x683 --batch 2 --iters 5
     python tools/benchmark.py configs/frcnn_r50.yaml --task eval --vs pycocotools --num-images 2000
+    python tools/benchmark.py configs/demo/mrcnn_shapes.yaml --task data --iters 20   # after make demo
+
+--task data times the training loader alone (seconds per batch, data.num_workers workers), the training
+step alone, and the two together (how long each step waits for its batch): no peer.
 
 Warm-up calls first, then --iters timed calls of each side, alternating the order; prints median, min,
 max, peak memory and GFLOP/s, and writes the table as JSON (--output). On a GPU (device=cuda) calls are
@@ -13,14 +17,14 @@ import sys
 
 import torch
 
-from detection.benchmark import eval_sides, infer_sides, train_sides
+from detection.benchmark import data_benchmark, eval_sides, infer_sides, train_sides
 from engine.benchmark import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
 from engine.device import resolve_device
 from engine.errors import ConfigError
 
-TASKS = ("infer", "train", "eval")
+TASKS = ("infer", "train", "eval", "data")
 
 
 def image_size(text: str):
@@ -57,11 +61,14 @@ def main(argv=None):
     overrides = list(args.overrides) + [f"input.min_size_test={short}", f"input.max_size_test={long}",
                                         f"input.min_size_train=[{short}]", f"input.max_size_train={long}"]
     settings = {"config": args.config, "image_size": f"{size[0]}x{size[1]}", "threads": torch.get_num_threads()}
-    peers = {"eval": "pycocotools"}.get(args.task, "torchvision")
+    peers = {"eval": "pycocotools", "data": None}.get(args.task, "torchvision")
     wrong = [p for p in args.vs if p != peers]
     if wrong:
-        raise ConfigError(f"--task {args.task} compares with {peers}, not {', '.join(wrong)}")
-    if args.task == "eval":
+        raise ConfigError(f"--task {args.task} " + (f"compares with {peers}, not {', '.join(wrong)}" if peers else
+                          "times the loader against the training step and takes no --vs"))
+    if args.task == "data":
+        report = data_benchmark(cfg, args.config, args.iters, args.warmup, device)
+    elif args.task == "eval":
         settings = {"num_images": args.num_images, "detections": 14 * args.num_images}
         sides = eval_sides(args.num_images, args.seed, args.vs)
     elif args.task == "infer":
@@ -69,7 +76,8 @@ def main(argv=None):
     else:
         settings["batch"] = args.batch
         sides = train_sides(args.config, overrides, args.weights, size, args.batch, args.seed, device, args.vs)
-    report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory)
+    if args.task != "data":
+        report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory)
     print(report.table())
     output = args.output or f"{cfg.output_dir}/benchmark_{args.task}.json"
     report.write(output)

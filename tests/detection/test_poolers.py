@@ -117,3 +117,33 @@ def test_non_consecutive_strides_raise_config_error():
         MultiScaleRoIAlign({"0": ShapeSpec(8, 4), "2": ShapeSpec(8, 16)}, 7)
     with pytest.raises(ConfigError, match="power-of-two"):
         MultiScaleRoIAlign({"0": ShapeSpec(8, 6), "1": ShapeSpec(8, 12)}, 7)
+
+
+@pytest.mark.parametrize("images", [1, 2, 3])
+def test_threaded_roi_align_gives_torchvisions_values_and_gradients_to_the_bit(images, monkeypatch):
+    """The threaded path (RoI blocks forward, one image per thread backward) against one torchvision call;
+    `roi_align` takes it with 2+ threads and enough RoIs."""
+    from detection import poolers
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    feature = torch.randn(images, 16, 40, 56, requires_grad=True)
+    boxes = random_boxes(150, images, 160, 224)
+    rois = torch.cat([(torch.arange(150) % images).float()[:, None], boxes], 1)
+    grad = torch.randn(150, 16, 7, 7)
+    results = []
+    for fn in (roi_align, poolers.roi_align):
+        out = fn(feature, rois, (7, 7), 0.25, 2, False)
+        out.backward(grad)
+        results.append((out.detach(), feature.grad))
+        feature.grad = None
+    assert type(poolers.roi_align(feature, rois, (7, 7), 0.25, 2, False).grad_fn).__name__ == "_ThreadedRoIAlignBackward"
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    # Channels-last features and an image without RoIs.
+    cl = feature.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    keep = rois[:, 0] != images - 1
+    out = poolers.roi_align(cl, rois[keep], (7, 7), 0.25, 2, False)
+    out.sum().backward()
+    expected = roi_align(feature.detach(), rois[keep], (7, 7), 0.25, 2, False)
+    assert torch.equal(out, expected) and cl.grad.shape == feature.shape
+    if images > 1:
+        assert cl.grad[images - 1].abs().sum() == 0 and cl.grad[0].abs().sum() > 0

@@ -15,6 +15,26 @@ from segmentation.mask_rcnn import MaskRCNN
 from segmentation.roi_heads import MaskRoIHeads
 
 
+def test_own_class_logits_equal_selected_logits_with_the_same_gradients():
+    """head(x, labels) computes only each RoI's class: the same logits as selecting from all classes, and
+    the same gradients for every parameter (other classes' predictor rows get none either way)."""
+    torch.manual_seed(0)
+    head = MaskHead(32, num_classes=5, num_conv=2, conv_dim=16)
+    torch.nn.init.normal_(head.predictor.bias)
+    x, labels = torch.rand(7, 32, 14, 14), torch.tensor([1, 5, 2, 1, 3, 5, 5])
+    grads = []
+    for logits in (lambda: head.select(head(x), labels), lambda: head(x, labels)):
+        out = logits()
+        assert out.shape == (7, 28, 28)
+        head.zero_grad()
+        (out.sigmoid() * torch.linspace(0, 1, 28)).sum().backward()
+        grads.append((out.detach(), {k: p.grad.clone() for k, p in head.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for key in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][key], grads[1][1][key], msg=key)
+    assert grads[1][1]["predictor.weight"][4].abs().sum() == 0  # class 4 is no RoI's label
+
+
 def test_head_shapes_class_specific_and_agnostic():
     x = torch.rand(5, 32, 14, 14)
     head = MaskHead(32, num_classes=3, num_conv=2, conv_dim=16)
@@ -24,6 +44,7 @@ def test_head_shapes_class_specific_and_agnostic():
     torch.testing.assert_close(head.select(logits, labels), logits[torch.arange(5), labels])
     agnostic = MaskHead(32, num_classes=3, num_conv=0, conv_dim=16, class_agnostic=True)
     assert agnostic(x).shape == (5, 1, 28, 28) and agnostic.select(agnostic(x), labels).shape == (5, 28, 28)
+    torch.testing.assert_close(agnostic(x, labels), agnostic.select(agnostic(x), labels))
     gn = MaskHead(32, num_classes=3, num_conv=4, conv_dim=64, norm="GN")
     assert isinstance(gn.norm4, torch.nn.GroupNorm) and gn.fcn1.bias is None
     assert gn(x).shape == (5, 4, 28, 28)

@@ -59,3 +59,25 @@ def test_eval_benchmark_checks_identical_numbers_first(tmp_path, capsys):
     assert list(ours) == pytest.approx(theirs, abs=1e-12) and 0.2 < theirs[0] < 1.0
     wrong = run_tool(capsys, "benchmark.py", CONFIG, "--task", "eval", "--vs", "torchvision", "--output", out)
     assert wrong.returncode == 2 and "--task eval compares with pycocotools, not torchvision" in wrong.stderr
+
+
+def test_data_benchmark_times_loader_step_and_training_together(tmp_path, capsys):
+    from detection.data.synthetic import make_synthetic
+
+    data = tmp_path / "shapes"
+    make_synthetic(str(data), num_train=12, num_val=2, seed=0, crops_per_class=0)
+    out = tmp_path / "data.json"
+    result = run_tool(capsys, "benchmark.py", REPO / "configs" / "demo" / "frcnn_shapes.yaml", "--task", "data",
+                      f"data.train.ann_file={data}/annotations/instances_train.json", f"data.train.img_dir={data}/train",
+                      "data.num_workers=1", "solver.ims_per_batch=2", "--iters", "2", "--warmup", "1",
+                      "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert "loader is" in result.stdout and "waiting_for_data_fraction" in result.stdout
+    table = json.loads(out.read_text())
+    assert [s["name"] for s in table["sides"]] == ["loader", "train step"]
+    assert [s["iters"] for s in table["sides"]] == [2, 2] and table["speedup"] > 0
+    assert table["settings"]["num_workers"] == 1 and 0 <= table["waiting_for_data_fraction"] <= 1
+    assert table["training_s_per_step"] >= table["waiting_for_data_s_per_step"]
+    wrong = run_tool(capsys, "benchmark.py", REPO / "configs" / "demo" / "frcnn_shapes.yaml", "--task", "data",
+                     "--vs", "torchvision", "--output", out)
+    assert wrong.returncode != 0 and "takes no --vs" in wrong.stderr
