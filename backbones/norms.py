@@ -97,10 +97,12 @@ def unfolded_norms():
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(conv(x)). Where the norm is a fixed affine map and no gradient is wanted (inference, frozen
-    layers), it is folded into the convolution's weights and bias: one pass over the output instead of
-    three (conv, multiply, add), for the same result up to float rounding (`unfolded_norms` turns it off)."""
-    if _FOLD[0] and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+    """norm(conv(x)). Where the norm is a fixed affine map (FrozenBN, BN in eval mode) it is folded into the
+    convolution's weights and bias: one pass over the output instead of three (conv, multiply, add), in
+    the forward pass and in the backward pass, and no extra activation kept for the gradient. The result
+    is the same up to float rounding; when the convolution trains, its gradient is the folded weight's
+    times the scale, the same gradient (`unfolded_norms` turns folding off)."""
+    if _FOLD[0]:
         affine = fixed_affine(norm)
         if affine is not None:
             scale, shift = affine

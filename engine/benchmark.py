@@ -140,8 +140,9 @@ def cpu_peak_memory(side: Side) -> Optional[float]:
 
 
 def compare(task: str, sides: List[Side], iters: int, warmup: int, device: torch.device,
-            settings: Optional[Dict[str, object]] = None, measure_memory: bool = True) -> Report:
-    """Warm up every side, then `iters` timed calls of each, alternating the order; peak memory per side."""
+            settings: Optional[Dict[str, object]] = None, measure_memory: bool = True, floor: bool = False) -> Report:
+    """Warm up every side, then `iters` timed calls of each, alternating the order; peak memory per side.
+    With `floor`, also each side's `dense_floor` and the speedup over the peer that ours' floor allows."""
     calls = [side.setup() for side in sides]
     for _ in range(warmup):
         for fn in calls:
@@ -165,4 +166,70 @@ def compare(task: str, sides: List[Side], iters: int, warmup: int, device: torch
         else:
             peak = cpu_peak_memory(side) if measure_memory else None
         results.append(SideResult(side.name, times[j], peak, side.flops))
-    return Report(task, dict(settings or {}, iters=iters, warmup=warmup, device=str(device)), results)
+    report = Report(task, dict(settings or {}, iters=iters, warmup=warmup, device=str(device)), results)
+    if floor:
+        floors = [dense_floor(side.setup(), device) for side in sides]
+        report.extra = {f"{side.name}_dense_floor_s": f for side, f in zip(sides, floors)}
+        if len(sides) == 2:
+            report.extra["speedup_bound_at_ours_floor"] = results[1].median / floors[0]
+    return report
+
+
+_DENSE = ("conv2d", "conv_transpose2d", "linear", "mm", "bmm", "addmm", "matmul")
+
+
+def dense_calls(fn: Callable[[], object]) -> List[tuple]:
+    """The convolutions and matrix products one call of `fn` makes, as (function, args, kwargs) with every
+    tensor argument replaced by its (shape, stride, dtype, device, requires_grad)."""
+    from torch.overrides import TorchFunctionMode
+
+    calls = []
+
+    def spec(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad)
+        return a
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in _DENSE:
+                calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    with Record():
+        fn()
+    return calls
+
+
+def dense_floor(fn: Callable[[], object], device: torch.device, iters: int = 3) -> float:
+    """Seconds one call of `fn` spends in its convolutions and matrix products alone: each is replayed on
+    fresh tensors of the same shapes, strides and dtypes, forward, and backward where its inputs want a
+    gradient (as in a training step). This is the floor of any implementation that makes these calls
+    with these kernels: nothing else (RoIAlign, NMS, elementwise work, Python) is counted."""
+    calls = dense_calls(fn)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def make(a):
+        if isinstance(a, tuple) and len(a) == 6 and a[0] == "tensor":
+            _, shape, stride, dtype, dev, grad = a
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+            t.copy_(torch.randn(shape, generator=g, device=dev, dtype=dtype) if dtype.is_floating_point
+                    else torch.zeros(shape, dtype=dtype, device=dev))
+            return t.requires_grad_(grad)
+        return a
+
+    prepared = [(func, [make(a) for a in args], {k: make(v) for k, v in kwargs.items()}) for func, args, kwargs in calls]
+
+    def replay():
+        for func, args, kwargs in prepared:
+            out = func(*args, **kwargs)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        a.grad = None  # as after zero_grad(set_to_none=True): no accumulation counted
+        synchronize(device)
+
+    replay()
+    return statistics.median(time_call(replay, device) for _ in range(iters))

@@ -51,6 +51,10 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=2000, help="eval: images of the synthetic COCO set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (CPU)")
+    parser.add_argument("--floor", action="store_true",
+                        help="infer/train: also time each side's convolutions and matrix products alone (same "
+                             "shapes, fresh tensors), the floor no implementation with these kernels goes under, "
+                             "and the speedup over the peer that ours' floor would allow")
     parser.add_argument("--output", default=None, help="JSON file for the table (default: OUTPUT_DIR/benchmark_TASK.json)")
     args = parser.parse_intermixed_args(argv)
     cfg = as_config(args.config, args.overrides)
@@ -77,7 +81,8 @@ def main(argv=None):
         settings["batch"] = args.batch
         sides = train_sides(args.config, overrides, args.weights, size, args.batch, args.seed, device, args.vs)
     if args.task != "data":
-        report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory)
+        report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory,
+                         floor=args.floor and args.task != "eval")
     print(report.table())
     output = args.output or f"{cfg.output_dir}/benchmark_{args.task}.json"
     report.write(output)

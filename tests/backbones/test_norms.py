@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -53,11 +55,20 @@ def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     with torch.no_grad(), unfolded_norms():  # the arithmetic of frameworks that do not fold, exactly
         assert torch.equal(conv_norm(conv, norm, x), expected) and len(calls) == 1
     calls.clear()
-    # With gradients wanted, the norm runs as itself, so that training is exactly as before.
-    out = conv_norm(conv, norm, x)
-    assert calls and torch.equal(out, expected)
-    out.sum().backward()
-    assert conv.weight.grad is not None
+    # With gradients wanted (a trainable convolution before FrozenBN): folded as well, with the gradients
+    # of the unfolded arithmetic up to float rounding, for the convolution and for a trainable norm.
+    grads = []
+    for fold in (True, False):
+        conv.zero_grad()
+        norm.zero_grad()
+        with contextlib.nullcontext() if fold else unfolded_norms():
+            out = conv_norm(conv, norm, x)
+        assert out.requires_grad and bool(calls) != fold
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        (out * torch.linspace(-1, 1, 12)).sum().backward()
+        grads.append([p.grad.clone() for p in list(conv.parameters()) + list(norm.parameters())])
+    for folded_grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(folded_grad, plain_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_norm_leaves_training_batchnorm_alone():

@@ -81,3 +81,20 @@ def test_data_benchmark_times_loader_step_and_training_together(tmp_path, capsys
     wrong = run_tool(capsys, "benchmark.py", REPO / "configs" / "demo" / "frcnn_shapes.yaml", "--task", "data",
                      "--vs", "torchvision", "--output", out)
     assert wrong.returncode != 0 and "takes no --vs" in wrong.stderr
+
+
+def test_dense_floor_replays_the_convolutions_and_matrix_products_of_a_call():
+    from engine.benchmark import dense_calls, dense_floor
+
+    conv, fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+    x = torch.rand(2, 3, 16, 16)
+
+    def step():
+        y = torch.relu(conv(x)).mean((2, 3))  # relu and mean are not dense: not replayed
+        fc(y).sum().backward()
+
+    calls = dense_calls(step)
+    assert [c[0].__name__ for c in calls] == ["conv2d", "linear"]
+    assert calls[0][1][0][1] == (2, 3, 16, 16) and calls[0][1][1][-1] is True  # shapes and requires_grad kept
+    assert 0 < dense_floor(step, torch.device("cpu"), iters=1) < 5
+    assert conv.weight.grad is not None  # the recorded call itself ran
