@@ -253,7 +253,7 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
     """Does the training data pipeline keep up? Three measurements, in this order, on `cfg` as training
     runs it (its data.train, transform, batch and data.num_workers):
 
-    1. the loader alone: seconds per batch fetched back to back after `warmup` batches (the workers'
+    1. the loader alone: seconds per batch fetched back to back after `warmup` blocks (the workers'
        start-up included in the warm-up): what the pipeline can deliver;
     2. the training step alone (Trainer.run_step: forward, backward, optimizer; AMP and clipping as
        configured), repeated on one batch: what training consumes;
@@ -275,9 +275,17 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
     loader = build_detection_train_loader(cfg)
     _fill_categories(cfg, loader.dataset)
     batches = iter(loader)
+    # The workers keep up to `block` batches ready; single fetches would time that buffer, so the loader
+    # is timed over blocks of that many batches (seconds per batch = block time / block).
+    block = max(1, loader.num_workers * (loader.prefetch_factor or 1))
+
+    def fetch_block():
+        for _ in range(block):
+            next(batches)
+
     for _ in range(warmup):
-        next(batches)
-    fetch = [time_call(lambda: next(batches), torch.device("cpu")) for _ in range(iters)]
+        fetch_block()
+    fetch = [time_call(fetch_block, torch.device("cpu")) / block for _ in range(iters)]
 
     model = build_detector(cfg).to(device)
     model.preprocessor.resize_in_training = False  # as in training: the loader's workers resize
@@ -298,7 +306,7 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
         synchronize(device)
         totals.append(time.perf_counter() - start)
     del batches, loader  # stops the workers
-    settings = {"config": config_name, "num_workers": cfg.data.num_workers,
+    settings = {"config": config_name, "num_workers": cfg.data.num_workers, "loader_batches_per_time": block,
                 "ims_per_batch": cfg.solver.ims_per_batch, "threads": torch.get_num_threads()}
     extra = {"training_s_per_step": statistics.median(totals), "waiting_for_data_s_per_step": statistics.median(waits),
              "waiting_for_data_fraction": sum(waits) / sum(totals)}

@@ -179,8 +179,9 @@ _DENSE = ("conv2d", "conv_transpose2d", "linear", "mm", "bmm", "addmm", "matmul"
 
 
 def dense_calls(fn: Callable[[], object]) -> List[tuple]:
-    """The convolutions and matrix products one call of `fn` makes, as (function, args, kwargs) with every
-    tensor argument replaced by its (shape, stride, dtype, device, requires_grad)."""
+    """The convolutions and matrix products one call of `fn` makes, as (function, args, kwargs, backward)
+    with every tensor argument replaced by its (shape, stride, dtype, device, requires_grad); `backward`:
+    whether autograd recorded the call (its output wants a gradient)."""
     from torch.overrides import TorchFunctionMode
 
     calls = []
@@ -193,9 +194,11 @@ def dense_calls(fn: Callable[[], object]) -> List[tuple]:
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            out = func(*args, **kwargs)
             if getattr(func, "__name__", "") in _DENSE:
-                calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}))
-            return func(*args, **kwargs)
+                backward = isinstance(out, torch.Tensor) and out.requires_grad
+                calls.append((func, tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}, backward))
+            return out
 
     with Record():
         fn()
@@ -219,12 +222,14 @@ def dense_floor(fn: Callable[[], object], device: torch.device, iters: int = 3) 
             return t.requires_grad_(grad)
         return a
 
-    prepared = [(func, [make(a) for a in args], {k: make(v) for k, v in kwargs.items()}) for func, args, kwargs in calls]
+    prepared = [(func, [make(a) for a in args], {k: make(v) for k, v in kwargs.items()}, backward)
+                for func, args, kwargs, backward in calls]
 
     def replay():
-        for func, args, kwargs in prepared:
-            out = func(*args, **kwargs)
-            if out.requires_grad:
+        for func, args, kwargs, backward in prepared:
+            with torch.set_grad_enabled(backward):
+                out = func(*args, **kwargs)
+            if backward:
                 out.backward(torch.ones_like(out))
                 for a in args:
                     if isinstance(a, torch.Tensor):

@@ -98,3 +98,6 @@ def test_dense_floor_replays_the_convolutions_and_matrix_products_of_a_call():
     assert calls[0][1][0][1] == (2, 3, 16, 16) and calls[0][1][1][-1] is True  # shapes and requires_grad kept
     assert 0 < dense_floor(step, torch.device("cpu"), iters=1) < 5
     assert conv.weight.grad is not None  # the recorded call itself ran
+    assert [c[3] for c in calls] == [True, True]  # both recorded by autograd: replayed with backward
+    with torch.no_grad():  # inference: parameters want gradients, the calls do not record any
+        assert [c[3] for c in dense_calls(lambda: fc(torch.relu(conv(x)).mean((2, 3))))] == [False, False]
