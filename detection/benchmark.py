@@ -101,7 +101,7 @@ def infer_sides(config, overrides, weights, size, seed, device, peers: List[str]
     sides = []
     for impl in ["ours"] + peers:
         setup = functools.partial(setup_infer, impl, config, list(overrides), weights, tuple(size), seed, device)
-        sides.append(Side(impl, setup, flops=count_flops(setup())))
+        sides.append(Side(impl, setup, flops=count_flops(setup()), images=1))
     return sides
 
 
@@ -177,7 +177,7 @@ def setup_train(impl: str, config, overrides, weights, size, batch, seed, device
 
 def train_sides(config, overrides, weights, size, batch, seed, device, peers: List[str]) -> List[Side]:
     return [Side(impl, functools.partial(setup_train, impl, config, list(overrides), weights, tuple(size),
-                                         batch, seed, device)) for impl in ["ours"] + peers]
+                                         batch, seed, device), images=batch) for impl in ["ours"] + peers]
 
 
 def synthetic_coco(num_images: int, seed: int, per_image: int = 7, categories: int = 80):
@@ -241,7 +241,8 @@ def setup_eval(impl: str, num_images: int, seed: int) -> Callable[[], object]:
 
 def eval_sides(num_images: int, seed: int, peers: List[str]) -> List[Side]:
     """The two must give the same 12 numbers: checked here once, before anything is timed."""
-    sides = [Side(impl, functools.partial(setup_eval, impl, num_images, seed)) for impl in ["ours"] + peers]
+    sides = [Side(impl, functools.partial(setup_eval, impl, num_images, seed), images=num_images)
+             for impl in ["ours"] + peers]
     results = [side.setup()() for side in sides]
     for side, stats in zip(sides[1:], results[1:]):
         if [round(float(s), 12) for s in stats] != [round(float(s), 12) for s in results[0]]:
@@ -310,4 +311,6 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
                 "ims_per_batch": cfg.solver.ims_per_batch, "threads": torch.get_num_threads()}
     extra = {"training_s_per_step": statistics.median(totals), "waiting_for_data_s_per_step": statistics.median(waits),
              "waiting_for_data_fraction": sum(waits) / sum(totals)}
-    return Report("data", settings, [SideResult("loader", fetch), SideResult("train step", step)], extra)
+    per_batch = cfg.solver.ims_per_batch
+    return Report("data", settings, [SideResult("loader", fetch, images=per_batch),
+                                     SideResult("train step", step, images=per_batch)], extra)

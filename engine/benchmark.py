@@ -27,6 +27,7 @@ class Side:
     name: str
     setup: Callable[[], Callable[[], object]]
     flops: Optional[float] = None  # per call, 2 x multiply-adds, where counted
+    images: Optional[int] = None  # images per call, for images per second
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SideResult:
     times: List[float]
     peak_memory_mb: Optional[float] = None
     flops: Optional[float] = None
+    images: Optional[int] = None
 
     @property
     def median(self) -> float:
@@ -46,6 +48,8 @@ class SideResult:
         if self.flops:
             row["gflop"] = self.flops / 1e9
             row["gflop_per_s"] = self.flops / 1e9 / self.median
+        if self.images:
+            row["images_per_s"] = self.images / self.median
         return row
 
 
@@ -65,13 +69,14 @@ class Report:
                 "sides": [s.row() for s in self.sides], "speedup": self.ratio(), **self.extra}
 
     def table(self) -> str:
-        header = f"{'':14}{'median s':>10}{'min s':>9}{'max s':>9}{'peak MB':>9}{'GFLOP/s':>9}"
+        header = f"{'':14}{'median s':>10}{'min s':>9}{'max s':>9}{'peak MB':>9}{'GFLOP/s':>9}{'img/s':>9}"
         lines = [f"{self.task}: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()), header]
         for s in self.sides:
             r = s.row()
             mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
             rate = f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else "-"
-            lines.append(f"{s.name:14}{r['median_s']:10.3f}{r['min_s']:9.3f}{r['max_s']:9.3f}{mem:>9}{rate:>9}")
+            per_s = f"{r['images_per_s']:.2f}" if "images_per_s" in r else "-"
+            lines.append(f"{s.name:14}{r['median_s']:10.3f}{r['min_s']:9.3f}{r['max_s']:9.3f}{mem:>9}{rate:>9}{per_s:>9}")
         if self.ratio():
             lines.append(f"{self.sides[0].name} is {self.ratio():.2f}x faster than {self.sides[1].name} (ratio of medians)")
         lines += [f"{key}: {value:.3f}" for key, value in self.extra.items()]
@@ -165,7 +170,7 @@ def compare(task: str, sides: List[Side], iters: int, warmup: int, device: torch
             peak = peaks[j]
         else:
             peak = cpu_peak_memory(side) if measure_memory else None
-        results.append(SideResult(side.name, times[j], peak, side.flops))
+        results.append(SideResult(side.name, times[j], peak, side.flops, side.images))
     report = Report(task, dict(settings or {}, iters=iters, warmup=warmup, device=str(device)), results)
     if floor:
         floors = [dense_floor(side.setup(), device) for side in sides]

@@ -44,6 +44,7 @@ def test_benchmark_tool_writes_its_table(tmp_path, capsys):
     assert [s["name"] for s in table["sides"]] == ["ours", "torchvision"]
     assert table["settings"]["image_size"] == "128x160" and table["speedup"] > 0
     assert all(s["gflop"] > 1 for s in table["sides"])  # R50-FPN at 128x160: a few GFLOPs each
+    assert all(s["images_per_s"] == pytest.approx(1 / s["median_s"]) for s in table["sides"])
 
 
 def test_eval_benchmark_checks_identical_numbers_first(tmp_path, capsys):
