@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import atomic_torch_save, safe_torch_load
+from engine.checkpoint import atomic_torch_save, safe_torch_load, verify_checksum
 from engine.errors import CheckpointError
 from engine.pickles import restricted_load
 
@@ -206,6 +206,12 @@ def _read_pickle(path: str):
     containers only: a pickle that names any other global is refused unread), numpy arrays as tensors.
     Detectron2's model zoo files are {"model": {name: array}, "__author__": ...}; Caffe2/MSRA ImageNet
     files {"blobs": {name: array}} or the blobs themselves."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path!r}")
+    try:
+        verify_checksum(path, "weights file")
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {path}: {e.strerror or e}") from None
     obj = restricted_load(path, CheckpointError, encoding="latin1")
     for key in ("model", "blobs"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

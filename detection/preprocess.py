@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DatasetError
 
-from .structures import ImageBatch
+from .structures import ImageBatch, recording
 
 FORMATS = ("RGB", "BGR")
 RESIZE_MODES = ("interpolate", "pil")
@@ -156,29 +156,53 @@ def resize_target(target: Dict[str, torch.Tensor], from_size, to_size) -> Dict[s
 
 
 def check_images(images):
+    """The input contract, checked before any work: a non-empty list of non-empty (3, H, W) tensors whose
+    pixels are finite. Raises DatasetError naming the first image at fault."""
     if not isinstance(images, (list, tuple)) or not images:
-        raise ValueError(f"the detector takes a non-empty list of (3, H, W) image tensors, got {type(images).__name__}")
+        raise DatasetError(f"the detector takes a non-empty list of (3, H, W) image tensors, got {type(images).__name__}")
     for i, img in enumerate(images):
         if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got {shape}")
+            raise DatasetError(f"image {i}: expected a (3, H, W) RGB tensor, got {shape}")
         if min(img.shape[-2:]) < 1:
-            raise ValueError(f"image {i} is empty: shape {tuple(img.shape)}")
+            raise DatasetError(f"image {i} is empty: shape {tuple(img.shape)}")
+    check_finite_images(images)
+
+
+def check_finite_images(images: Sequence[torch.Tensor]):
+    """A float image holding NaN or inf would give NaN losses in training and, at inference, no detections
+    at all (NaN scores fail every threshold) or NaN boxes, with nothing saying why. One reduction per float
+    image and one device sync for the batch (uint8 images cannot hold either). Skipped while a graph is
+    recorded (torch.export, torch.jit.trace), which cannot branch on pixel values."""
+    floats = [(i, img) for i, img in enumerate(images) if img.is_floating_point()]
+    if not floats or recording():
+        return
+    finite = torch.stack([torch.isfinite(img).all() for _, img in floats])
+    if bool(finite.all()):
+        return
+    i, img = floats[int(torch.nonzero(~finite)[0])]
+    nan, inf = int(torch.isnan(img).sum()), int(torch.isinf(img).sum())
+    raise DatasetError(f"image {i} ({img.dtype}, shape {tuple(img.shape)}) has {nan} NaN and {inf} infinite "
+                       "pixel values; the detector takes finite pixels (float in [0, 1] or uint8): check how "
+                       "the image was loaded, converted or augmented")
 
 
 def check_targets(targets, num_images):
     if targets is None:
-        raise ValueError("training mode needs targets: one dict per image with 'boxes' (N, 4) xyxy and 'labels' (N,)")
+        raise DatasetError("training mode needs targets: one dict per image with 'boxes' (N, 4) xyxy and 'labels' (N,)")
     if len(targets) != num_images:
-        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+        raise DatasetError(f"got {num_images} images but {len(targets)} targets")
     for i, t in enumerate(targets):
         boxes, labels = t.get("boxes"), t.get("labels")
         if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"target {i}: 'boxes' must be a float tensor of shape (N, 4), got "
-                             f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+            raise DatasetError(f"target {i}: 'boxes' must be a float tensor of shape (N, 4), got "
+                               f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
         if not isinstance(labels, torch.Tensor) or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"target {i}: 'labels' must be a tensor of shape ({len(boxes)},)")
-        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        if degenerate.any():
-            j = int(torch.nonzero(degenerate)[0])
-            raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} has zero or negative width or height")
+            raise DatasetError(f"target {i}: 'labels' must be a tensor of shape ({len(boxes)},)")
+        # A positive width and height, and finite (NaN fails the comparisons, inf does not).
+        bad = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & torch.isfinite(boxes).all(1))
+        if bad.any():  # one sync per target, as before
+            j = int(torch.nonzero(bad)[0])
+            if not bool(torch.isfinite(boxes[j]).all()):
+                raise DatasetError(f"target {i}: box {j} {boxes[j].tolist()} is not finite (NaN or inf)")
+            raise DatasetError(f"target {i}: box {j} {boxes[j].tolist()} has zero or negative width or height")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,26 @@ CONFIG_FILENAME = "config.yaml"
 
 
 class _Loader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader (no Python tags, nothing executed) that also reads `1e-4` as a float."""
+    """`yaml.safe_load`'s loader (no Python tags, nothing executed) that also reads `1e-4` as a float and
+    refuses a key written twice in one mapping (YAML would keep the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                # `<<` merge keys may repeat and may be overridden by explicit keys; only those are compared.
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    earlier = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # unhashable: the constructor below reports it
+                    continue
+                if earlier is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {earlier.line + 1}); "
+                        "keep one of them", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -169,6 +189,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         data = yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise ConfigError(f"invalid YAML in {path}: nested too deeply to read") from None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
         if isinstance(e, yaml.constructor.ConstructorError) and "tag" in problem:
@@ -179,7 +201,37 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+    _check_plain_tree(data, str(path))
     return data
+
+
+# YAML anchors and aliases can make a list that contains itself, or a few lines that expand to billions
+# of values; neither is a config. Real configs have a few hundred values.
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 50
+
+
+def _check_plain_tree(data: Any, where: str) -> None:
+    """Raise ConfigError for a value that contains itself, nests deeper than MAX_CONFIG_DEPTH or holds
+    more than MAX_CONFIG_VALUES values once its aliases are expanded."""
+    count = 0
+    stack = [(data, 0, ())]
+    while stack:
+        node, depth, parents = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded; "
+                              "a config is a few hundred keys (is an alias repeated many times?)")
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in parents:
+            raise ConfigError(f"{where}: a value contains itself through a YAML alias (&anchor ... *anchor "
+                              "inside it); write the value out")
+        if depth >= MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: values nested more than {MAX_CONFIG_DEPTH} levels deep; "
+                              "no config key takes that")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1, parents + (id(node),)) for child in children)
 
 
 def _line(error: yaml.YAMLError) -> str:
@@ -222,7 +274,7 @@ def _resolve(layers: list[tuple[dict, str]], overrides: Iterable[str]) -> Config
         key, raw = _split_override(item)
         key = OVERRIDE_ALIASES.get(key, key)
         origin = f"from override {item!r}"
-        value = _parse_override_value(raw)
+        value = _parse_override_value(raw, item)
         spec = _override_spec(key, value, origin)
         if isinstance(spec, Opt) and str in spec.types and not _accepted(value, spec.types):
             # The shell has already eaten any quotes: `data.train.img_dir=2017` means the string, and
@@ -264,11 +316,13 @@ def _split_override(item: Any) -> tuple[str, str]:
     return key, raw
 
 
-def _parse_override_value(raw: str) -> Any:
+def _parse_override_value(raw: str, item: str) -> Any:
     try:
-        return yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError):
         return raw
+    _check_plain_tree(value, f"override {item!r}")
+    return value
 
 
 def _override_spec(key: str, value: Any, origin: str) -> Opt | dict:
@@ -348,6 +402,9 @@ def _accepted(value: Any, types: tuple) -> bool:
 def _coerce(key: str, value: Any, types: tuple, opt: Opt | None, origins: dict) -> Any:
     """`value` if it has one of `types`, an int converted to float where only float is expected; else raise."""
     if _accepted(value, types):
+        if isinstance(value, float) and not math.isfinite(value):
+            # `.nan` or `.inf` is never a setting: a learning rate or threshold of NaN trains silently wrong.
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}{_where(key, origins)}")
         if isinstance(value, int) and not isinstance(value, bool) and int not in types:
             return float(value)
         return value

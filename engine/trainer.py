@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from engine import distributed as dist
 from engine.checkpoint import Checkpointer, rng_state, set_rng_state
-from engine.errors import ConfigError, TrainingError, TrainingInterrupted
+from engine.errors import ConfigError, DatasetError, TrainingError, TrainingInterrupted
 from engine.device import setup_device
 from engine.events import MetricsWriter, setup_logging
 from engine.seeding import seed_everything
@@ -182,8 +182,15 @@ class Trainer:
 
     def run_step(self, it: int, batch) -> Dict[str, float]:
         s = self.cfg.solver
-        with amp_context(self.device, s.amp, s.amp_dtype):
-            losses = self.step_fn(self.train_model, batch)
+        try:
+            with amp_context(self.device, s.amp, s.amp_dtype):
+                losses = self.step_fn(self.train_model, batch)
+        except DatasetError as e:
+            # The model's input checks (a NaN or inf pixel, a malformed target): said with the iteration,
+            # before any NaN reaches a loss or the weights.
+            kept = self.last_checkpoint or "none saved yet"
+            raise TrainingError(f"iteration {it}: bad batch: {e}; training stopped, the last good checkpoint is "
+                                f"kept ({kept})") from e
         values = self.agree(losses)
         if not all(math.isfinite(v) for v in values.values()):
             kept = self.last_checkpoint or "none saved yet"

@@ -107,3 +107,12 @@ def run_tool(capsys, name, *args) -> ToolResult:
         root.setLevel(saved_level)
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+
+
+def shapes_splits(root, num_train: int, num_val: int, size) -> Path:
+    """Synthetic shapes train and val splits (COCO files and images) under `root`, val from another seed."""
+    from detection.data.synthetic import make_coco_split
+
+    make_coco_split(str(root), "train", num_train, seed=0, image_size=size)
+    make_coco_split(str(root), "val", num_val, seed=1, image_size=size)
+    return Path(root)

@@ -10,12 +10,18 @@ Instance masks (`with_masks=True`, Mask R-CNN) come from each annotation's `segm
 or more flat [x0, y0, x1, y1, ...] lists per object), uncompressed RLE ({"size", "counts": [ints]}) or
 compressed RLE (counts a str). They are checked when the file is read and rasterised by pycocotools only
 in `__getitem__`, at the image's own size, so no full-image bitmaps are kept for the dataset. A polygon
-with fewer than 3 points, an odd number of coordinates or a NaN/inf coordinate is left out; an object
+with fewer than 3 points, an odd number of coordinates, a NaN/inf coordinate or a coordinate beyond
++-POLYGON_REACH times the image's longer side is left out; an object
 with no usable polygon left is dropped entirely, box included (as torchvision and Detectron2 expect:
 a box target without its mask would teach the mask head an empty object). Coordinates outside the image
 are clipped by the rasterisation; self-intersecting polygons are filled as pycocotools fills them. An RLE
 whose size is not the image's is left out and counted (`rle_wrong_size`), its object with it; for a crowd
-region, which COCO evaluation reads, it is a DatasetError naming the annotation.
+region, which COCO evaluation reads, it is a DatasetError naming the annotation. An RLE of the image's size
+whose runs do not add up to its height * width is a DatasetError (pycocotools would read past its buffer).
+
+Everything else malformed in the file (not JSON, not an object, a list or key missing, a wrong type, a
+duplicate id, an unknown image or category id, a file_name leaving the image directory) is a DatasetError
+naming the file and the entry, raised when the file is read.
 """
 import contextlib
 import io
@@ -47,7 +53,13 @@ REQUIRED_KEYS = {"images": ("image", ("id", "file_name", "height", "width")),
 ANNOTATION_DROPS = ("crowd", "degenerate", "non_finite", "outside_image", "other_category", "no_valid_mask")
 # Single polygons (or an RLE) left out of an object's mask (with_masks); the object stays while one
 # polygon is left.
-SEGMENTATION_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_finite", "rle_wrong_size")
+SEGMENTATION_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_finite", "polygon_out_of_range",
+                      "rle_wrong_size")
+# A polygon coordinate beyond +-this many times the image's longer side is broken (pycocotools'
+# rasterisation would allocate memory in proportion to it, or overflow).
+POLYGON_REACH = 4
+# Ids are stored as int64 downstream (labels, evaluation); larger ones cannot be represented.
+MAX_ID = 2 ** 63 - 1
 # Narrower than this after clipping, a box is a line, not an object (the model's regression targets
 # would divide by its width).
 MIN_BOX_SIDE = 1e-2
@@ -55,6 +67,23 @@ MIN_BOX_SIDE = 1e-2
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_float(v) -> float:
+    """A checked number as a float; an int too large for a float is infinite."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def _is_side(v) -> bool:
+    """A positive, finite, whole image side (an int, or a float such as 480.0)."""
+    return _is_number(v) and math.isfinite(_as_float(v)) and v > 0 and float(v).is_integer()
 
 
 def check_coco_structure(data, path: str):
@@ -75,17 +104,28 @@ def check_coco_structure(data, path: str):
             missing = [k for k in required if k not in entry]
             if missing:
                 raise DatasetError(f"{path}: {name} lacks the key(s) {missing}")
-            if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
-                raise DatasetError(f"{path}: {name}: ids must be integers")
+            if not _is_int(entry["id"]) or abs(entry["id"]) > MAX_ID:
+                raise DatasetError(f"{path}: {name}: ids must be integers that fit in 64 bits")
             if entry["id"] in seen:
                 raise DatasetError(f"{path}: duplicate {what} id {entry['id']}; ids must be unique")
             seen.add(entry["id"])
     for img in data["images"]:
-        if not all(_is_number(img[k]) and img[k] > 0 for k in ("height", "width")):
-            raise DatasetError(f"{path}: image {img['id']} has height {img['height']!r} and width "
-                               f"{img['width']!r}; both must be positive numbers")
+        if not all(_is_side(img[k]) for k in ("height", "width")):
+            raise DatasetError(f"{path}: image {img['id']} has height {str(img['height'])[:40]} and width "
+                               f"{str(img['width'])[:40]}; both must be positive whole numbers (pixels)")
+    for cat in data["categories"]:
+        if not isinstance(cat["name"], str):
+            raise DatasetError(f"{path}: category {cat['id']} has name {str(cat['name'])[:80]}; expected a string")
     images, categories = {i["id"] for i in data["images"]}, {c["id"] for c in data["categories"]}
     for ann in data["annotations"]:
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann[key]):
+                raise DatasetError(f"{path}: annotation {ann['id']} has {key} {str(ann[key])[:80]}; expected an "
+                                   "integer id")
+        crowd = ann.get("iscrowd", 0)
+        if not (isinstance(crowd, (int, float)) and crowd in (0, 1)):  # JSON true/false allowed too
+            raise DatasetError(f"{path}: annotation {ann['id']} has iscrowd {str(ann['iscrowd'])[:80]}; expected "
+                               "0 or 1")
         if ann["image_id"] not in images:
             raise DatasetError(f"{path}: annotation {ann['id']} names image_id {ann['image_id']}, which is not "
                                "in 'images'")
@@ -102,8 +142,20 @@ def safe_join(img_dir: str, file_name, path: str, image_id) -> str:
     """img_dir/file_name, refusing names that leave img_dir (absolute or through `..`). Checked on the
     name only: symbolic links inside img_dir may point anywhere (subsets are often built from links)."""
     if not isinstance(file_name, str) or not file_name:
-        raise DatasetError(f"{path}: image {image_id} has file_name {file_name!r}; expected a relative path")
+        raise DatasetError(f"{path}: image {image_id} has file_name {repr(file_name)[:80]}; expected a relative "
+                           "path")
+    try:
+        os.fsencode(file_name)
+        unusable = "\0" in file_name
+    except UnicodeError:
+        unusable = True
+    if unusable:
+        raise DatasetError(f"{path}: image {image_id} has file_name {file_name[:80]!r}, which no file can have "
+                           "(a NUL character or an unencodable one)")
     normalized = os.path.normpath(file_name)
+    if normalized == os.curdir:
+        raise DatasetError(f"{path}: image {image_id} has file_name {file_name!r}, the image directory itself; "
+                           "expected the path of an image file")
     if os.path.isabs(file_name) or normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
         raise DatasetError(f"{path}: image {image_id} file_name {file_name!r} points outside the image "
                            f"directory {img_dir}; refused")
@@ -112,6 +164,7 @@ def safe_join(img_dir: str, file_name, path: str, image_id) -> str:
 
 def clip_box(bbox, width, height):
     """COCO [x, y, w, h] -> xyxy clipped to the image, or None with the reason the box is unusable."""
+    bbox = [_as_float(v) for v in bbox]
     if not all(math.isfinite(v) for v in bbox):
         return None, "non_finite"
     x, y, w, h = bbox
@@ -127,18 +180,45 @@ def clip_box(bbox, width, height):
 def _check_rle(seg: dict, img: dict, path: str, ann_id, crowd: bool = False) -> bool:
     """Whether a well-formed RLE has its image's size. Malformed RLE is a DatasetError, and so is a crowd
     region of the wrong size, which COCO evaluation of this file could not read."""
-    counts = seg.get("counts")
-    if not ("size" in seg and (isinstance(counts, str) or (isinstance(counts, list) and all(
-            isinstance(c, int) and not isinstance(c, bool) for c in counts)))):
-        raise DatasetError(f"{path}: annotation {ann_id} has an RLE segmentation without 'size' or with 'counts' "
-                           "neither a str (compressed) nor a list of ints (uncompressed)")
+    counts, size = seg.get("counts"), seg.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)
+            and (isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(c) for c in counts)))):
+        raise DatasetError(f"{path}: annotation {ann_id} has an RLE segmentation without 'size' [height, width] "
+                           "(two integers) or with 'counts' neither a str (compressed) nor a list of ints "
+                           "(uncompressed)")
     if seg["size"] == [img["height"], img["width"]]:
+        runs = _rle_runs(counts) if isinstance(counts, str) else counts
+        if runs is None or any(r < 0 for r in runs) or sum(runs) != img["height"] * img["width"]:
+            raise DatasetError(f"{path}: annotation {ann_id} has an RLE whose counts do not add up to its size "
+                               f"{seg['size']} (height * width pixels); the mask is corrupt")
         return True
     if crowd:
         raise DatasetError(f"{path}: crowd annotation {ann_id} has an RLE of size {seg['size']} (height, width), "
                            f"but image {img['id']} is {[img['height'], img['width']]}; COCO evaluation needs the "
                            "region to cover its image exactly")
     return False
+
+
+def _rle_runs(counts: str):
+    """The run lengths of a compressed COCO RLE string, or None when it is not one. Each run is a
+    little-endian sequence of 5-bit groups stored as characters 48 + group (bit 0x20: another group
+    follows; bit 0x10 of the last group: negative), from the third run on relative to the run two before."""
+    runs, value, shift = [], 0, 0
+    for ch in counts:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value, shift = 0, 0
+    return None if shift else runs
 
 
 def check_segmentation(seg, img: dict, path: str, ann_id):
@@ -155,8 +235,11 @@ def check_segmentation(seg, img: dict, path: str, ann_id):
         if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
             raise DatasetError(f"{path}: annotation {ann_id} has polygon {str(poly)[:80]}; a polygon is a flat "
                                "list of numbers [x0, y0, x1, y1, ...]")
-        if not all(math.isfinite(v) for v in poly):
+        coords = [_as_float(v) for v in poly]
+        if not all(math.isfinite(v) for v in coords):
             dropped.append("polygon_non_finite")
+        elif max(map(abs, coords), default=0) > POLYGON_REACH * max(img["height"], img["width"]):
+            dropped.append("polygon_out_of_range")
         elif len(poly) < 6:
             dropped.append("polygon_too_short")
         elif len(poly) % 2:
@@ -240,6 +323,11 @@ class CocoDetection(Dataset):
             self.coco.createIndex()
         self.categories = label_categories(categories, data["categories"], ann_file)
         if label_space == "category_id":
+            background = [c["id"] for c in self.categories if c["id"] < 1]
+            if background:
+                raise DatasetError(f"{ann_file}: category id(s) {background} are not valid labels with "
+                                   "model.label_space='category_id' (label 0 is the background); use "
+                                   "model.label_space='contiguous'")
             self.category_id_to_label = {c["id"]: c["id"] for c in self.categories}
         else:
             self.category_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}

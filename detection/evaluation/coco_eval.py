@@ -86,9 +86,12 @@ def _gt_name(gt: COCO) -> str:
 
 
 def _check_gt(data: Any, name: str) -> None:
+    from detection.data.coco import check_coco_structure
+
     if not isinstance(data, dict):
         raise DatasetError(f"{name}: a COCO annotation file is a JSON object with images, annotations "
                            f"and categories, got a {type(data).__name__}")
+    check_coco_structure(data, name)  # the keys, types and unique ids the training loader checks as well
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise DatasetError(f"{name}: '{key}' is missing or empty; is this a COCO instances file?")
@@ -444,6 +447,10 @@ def evaluate_results_file(cfg: Mapping, results_path: str | os.PathLike) -> dict
     gt = load_coco_gt(ann_file, setting="data.val.ann_file")
     check_categories(cfg["data"]["categories"], gt)
     results = load_results(results_path, gt)
+    if not results:
+        # A file of no detections is a failed or cut-off inference run; its AP of 0 would look like a result.
+        raise DatasetError(f"{results_path}: the results list is empty (no detections); check the inference "
+                           "run that wrote it")
     return evaluate_and_write(cfg, gt, results, str(results_path))
 
 

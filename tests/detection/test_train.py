@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from detection.data.synthetic import CATEGORIES, make_coco_split
-from tests.conftest import REPO, run_tool
+from detection.data.synthetic import CATEGORIES
+from tests.conftest import REPO, run_tool, shapes_splits
 
 TINY = {
     "_base_": str(REPO / "configs/_base_/models/faster_rcnn_fpn.yaml"),
@@ -34,10 +34,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_coco_split(str(root), "train", 8, seed=0, image_size=(128, 128))
-    make_coco_split(str(root), "val", 4, seed=1, image_size=(128, 128))
-    return root
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), 8, 4, (128, 128))
 
 
 def write_cfg(shapes, path, **extra):

@@ -114,7 +114,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save("model_0000002.pth", model, 2)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST_CHECKPOINT, "model_0000001.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST_CHECKPOINT, "model_0000001.pth",
+                                                          "model_0000001.pth.sha256"]
     assert ckpt.last() == str(tmp_path / "model_0000001.pth")
 
 
@@ -129,6 +130,9 @@ def test_resume_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit the configured model"):
         ckpt.resume(torch.nn.Linear(3, 1))
     (tmp_path / "model_0000001.pth").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(CheckpointError, match="checksum mismatch for checkpoint"):  # its .sha256 was recorded
+        ckpt.resume(torch.nn.Linear(2, 1))
+    (tmp_path / "model_0000001.pth.sha256").unlink()
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         ckpt.resume(torch.nn.Linear(2, 1))
 
