@@ -141,19 +141,22 @@ def test_missing_dataset_is_one_clear_error(shapes, tmp_path, capsys, monkeypatc
 
 @pytest.mark.slow
 def test_overfits_real_coco_images(shared_data, tmp_path, capsys):
-    """The whole pipeline on real data: 128 COCO images (train = val), a short CPU schedule; the loss
-    falls and the model finds some of the objects it was trained on."""
+    """The whole pipeline on real data: 8 annotated coco128 images (train = val), 25 epochs of a short CPU
+    schedule; the loss falls and the model finds the objects it was trained on (AP 10.2 when written)."""
     root = shared_data / "coco128"
+    coco = json.loads((root / "annotations/instances_train2017.json").read_text())
+    annotated = {a["image_id"] for a in coco["annotations"]}
+    images = [im for im in coco["images"] if im["id"] in annotated][:8]
+    ids = {im["id"] for im in images}
+    subset = dict(coco, images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    split = {"ann_file": str(tmp_path / "subset.json"), "img_dir": str(root / "train2017")}
     cfg = dict(TINY, model=dict(TINY["model"], num_classes=80, anchors={"sizes": [[32], [64], [128], [256], [512]]}),
-               data={"num_workers": 2,
-                     "train": {"ann_file": str(root / "annotations/instances_train2017.json"),
-                               "img_dir": str(root / "train2017")},
-                     "val": {"ann_file": str(root / "annotations/instances_train2017.json"),
-                             "img_dir": str(root / "train2017")}},
-               input={"min_size_train": [256], "max_size_train": 384, "min_size_test": 256, "max_size_test": 384},
-               # From scratch, SGD at lr 0.02 sat at the edge of divergence here (one clean run of the
+               data={"num_workers": 2, "train": split, "val": split},
+               input={"min_size_train": [224], "max_size_train": 320, "min_size_test": 224, "max_size_test": 320},
+               # From scratch, SGD at lr 0.02 sat at the edge of divergence on this data (one clean run of the
                # suite diverged at iteration 67, another ended at AP 0); AdamW learns steadily.
-               solver={"optimizer": "AdamW", "base_lr": 0.001, "ims_per_batch": 4, "max_iter": 150,
+               solver={"optimizer": "AdamW", "base_lr": 0.002, "ims_per_batch": 2, "max_iter": 100,
                        "checkpoint_period": 1000, "log_period": 10, "warmup_iters": 20},
                test={"eval_period": 0})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -161,7 +164,7 @@ def test_overfits_real_coco_images(shared_data, tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     losses = [json.loads(l)["loss"] for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
-    assert json.loads((tmp_path / "out/metrics.json").read_text())["bbox"]["AP"] > 0
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["bbox"]["AP"] > 1.0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
