@@ -81,11 +81,14 @@ def image_tensor(image: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).to(device)
 
 
-def detect(model, image: np.ndarray, device, mask_thresh: float):
-    """The model's detections on one HxWx3 RGB image, on the CPU, and their binary masks (None without)."""
-    det = model([image_tensor(image, device)])[0]
-    masks = binary_masks(det, mask_thresh)  # thresholded on the device: 4x less to copy than float masks
-    return {k: v.cpu() for k, v in det.items() if k != "masks"}, masks
+def detect(model, images: Sequence[np.ndarray], device, mask_thresh: float):
+    """The model's detections on HxWx3 RGB images run as one batch: for each image, its detections on the
+    CPU and their binary masks (None without)."""
+    out = []
+    for det in model([image_tensor(image, device) for image in images]):
+        masks = binary_masks(det, mask_thresh)  # thresholded on the device: 4x less to copy than float masks
+        out.append(({k: v.cpu() for k, v in det.items() if k != "masks"}, masks))
+    return out
 
 
 @torch.inference_mode()
@@ -106,7 +109,7 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
             failures[path] = str(e)
             logger.error("%s", e)
             continue
-        det, masks = detect(model, image, device, cfg.test.mask_thresh)
+        det, masks = detect(model, [image], device, cfg.test.mask_thresh)[0]
         entries = to_coco_results(det, label_to_id, masks, file_name=os.path.basename(path))
         results += entries
         if visualize:
@@ -114,23 +117,28 @@ def infer_files(cfg, weights: str, inputs: Sequence[str], output_dir: str, visua
                                     [e["category_id"] for e in entries], names, masks)
             cv2.imwrite(os.path.join(output_dir, Path(path).stem + ".png"), drawn[:, :, ::-1])
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f)
+        f.write(json.dumps(results))  # json.dumps encodes in C; json.dump to a file encodes piece by piece in Python
     return results, failures
 
 
 @torch.inference_mode()
 def predict_coco(model, device, gt, img_dir: str, label_to_id: Dict[int, int],
-                 mask_thresh: float = 0.5, img_ids: Optional[Sequence[int]] = None) -> List[dict]:
+                 mask_thresh: float = 0.5, img_ids: Optional[Sequence[int]] = None,
+                 batch_size: int = 1) -> List[dict]:
     """COCO results (image_id, category_id, bbox, score, and segmentation when the model predicts masks)
-    for the images `img_ids` (default: every image) of a COCO ground truth. Masks become RLE image by
-    image: full-size masks of a whole dataset would not fit in memory."""
+    for the images `img_ids` (default: every image) of a COCO ground truth, run `batch_size` images at a
+    time (test.ims_per_batch). Masks become RLE batch by batch: full-size masks of a whole dataset would
+    not fit in memory."""
     results = []
     img_ids = sorted(gt.getImgIds()) if img_ids is None else img_ids
     quiet = len(img_ids) <= PROGRESS_MIN_IMAGES or not dist.is_main()
-    for img_id in tqdm(img_ids, desc="eval", disable=True if quiet else None):
-        image = read_image(os.path.join(img_dir, gt.imgs[img_id]["file_name"]))
-        det, masks = detect(model, image, device, mask_thresh)
-        results += to_coco_results(det, label_to_id, masks, image_id=img_id)
+    with tqdm(total=len(img_ids), desc="eval", disable=True if quiet else None) as bar:
+        for start in range(0, len(img_ids), batch_size):
+            ids = img_ids[start:start + batch_size]
+            images = [read_image(os.path.join(img_dir, gt.imgs[img_id]["file_name"])) for img_id in ids]
+            for img_id, (det, masks) in zip(ids, detect(model, images, device, mask_thresh)):
+                results += to_coco_results(det, label_to_id, masks, image_id=img_id)
+            bar.update(len(ids))
     return results
 
 
@@ -151,7 +159,8 @@ def evaluate_detector(cfg, model, device):
     model.eval()
     img_ids = sorted(gt.getImgIds())
     mine = [img_ids[i] for i in dist.shard(len(img_ids))]
-    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg), cfg.test.mask_thresh, mine)
+    results = predict_coco(model, device, gt, cfg.data.val.img_dir, category_ids(cfg), cfg.test.mask_thresh, mine,
+                           cfg.test.ims_per_batch)
     parts = dist.gather_to_main(results)
     return dist.on_main(lambda: _evaluate_results(cfg, gt, [r for part in parts for r in part]))
 

@@ -387,6 +387,11 @@ def _check_value(key: str, value: Any, opt: Opt, origins: dict) -> Any:
     if opt.choices is not None and value is not None and value not in opt.choices:
         valid = ", ".join(repr(c) for c in opt.choices)
         raise ConfigError(f"config key '{key}' must be one of {valid}; got {value!r}{_where(key, origins)}")
+    if opt.min is not None:
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if v is not None and v < opt.min:
+                name = f"{key}[{i}]" if isinstance(value, list) else key
+                raise ConfigError(f"config key '{name}' must be at least {opt.min}, got {v!r}{_where(key, origins)}")
     return value
 
 

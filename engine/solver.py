@@ -78,8 +78,6 @@ def scale_to_world_size(cfg, world_size: int, epochs: bool = False):
     that ran. Changes `cfg` in place; nothing happens when reference_world_size is 0 or already world_size."""
     s = cfg.solver
     ref = s.reference_world_size
-    if ref < 0:
-        raise ConfigError(f"solver.reference_world_size must be 0 (off) or positive, got {ref}")
     if ref == 0 or ref == world_size:
         return
     if s.ims_per_batch % ref:

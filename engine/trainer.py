@@ -285,8 +285,6 @@ def linear_lr_scale(solver_cfg) -> float:
     `solver.reference_batch_size` > 0, `solver.base_lr` is the rate for that many images and the rate used
     is base_lr * ims_per_batch / reference_batch_size (ImageNet: 0.1 per 256 images). 1.0 when off."""
     s = solver_cfg
-    if s.reference_batch_size < 0:
-        raise ConfigError(f"solver.reference_batch_size must be 0 (off) or positive, got {s.reference_batch_size}")
     if s.reference_batch_size == 0:
         return 1.0
     scale = s.ims_per_batch / s.reference_batch_size

@@ -28,6 +28,8 @@ VAL_CROPS_PER_CLASS = 300
 # `make demo`'s pretraining stage: one epoch of 4,800 crops (150 steps) is what fits next to the detector
 # in the 10-minute budget on two cores.
 PRETRAIN_CROPS_PER_CLASS = 1600
+# Processes that draw the synthetic images (the files are the same for any number).
+WORKERS = os.cpu_count() or 1
 
 
 def pretrain_classifier(args, data, overrides=(), config="configs/demo/cls_shapes_pretrain.yaml"):
@@ -36,8 +38,8 @@ def pretrain_classifier(args, data, overrides=(), config="configs/demo/cls_shape
     from engine.classification import train_classifier
 
     make_crops(data, "train", args.train_crops or (TRAIN_CROPS_PER_CLASS if args.classifier else
-                                                   PRETRAIN_CROPS_PER_CLASS), SEED)
-    make_crops(data, "val", args.val_crops, SEED + VAL_SEED_OFFSET)  # val never shares train's seed
+                                                   PRETRAIN_CROPS_PER_CLASS), SEED, workers=WORKERS)
+    make_crops(data, "val", args.val_crops, SEED + VAL_SEED_OFFSET, workers=WORKERS)  # val never shares train's seed
     cfg = load_config(os.path.join(REPO, config), [
         f"data.train.root={data}/crops/train", f"data.val.root={data}/crops/val",
         f"output_dir={args.output}/cls", *overrides])
@@ -50,7 +52,8 @@ def detection_demo(args):
     from detection.train import train_detector
 
     data = os.path.join(args.output, "data")
-    make_synthetic(data, num_train=args.train_images, num_val=args.val_images, seed=SEED, crops_per_class=0)
+    make_synthetic(data, num_train=args.train_images, num_val=args.val_images, seed=SEED, crops_per_class=0,
+                   workers=WORKERS)
     overrides = list(args.overrides)
     if args.pretrain:
         cls_cfg, cls_metrics = pretrain_classifier(args, data, args.cls_overrides)

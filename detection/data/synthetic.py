@@ -15,11 +15,12 @@ objects therefore never appear as unannotated fragments.
 
 Train and val are generated from different seeds (val uses `seed + VAL_SEED_OFFSET`), so val is
 never a copy of train images. Every image has its own generator derived from (seed, index), so
-image i does not depend on how many images are made.
+image i does not depend on how many images are made, nor on how many processes (`workers`) draw them.
 """
 import json
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
@@ -218,8 +219,30 @@ def _prepare_folder(folder):
             os.remove(os.path.join(folder, name))
 
 
-def make_coco_split(out_dir, split, num_images, seed, image_size=(128, 128)):
-    """Write `out_dir/<split>/NNNNNN.png` and `out_dir/annotations/instances_<split>.json` (COCO format).
+def _run(fn, jobs, workers):
+    """[fn(job) for job in jobs], in `workers` processes when more than one (the jobs are independent: each
+    seeds its own generator), in order either way."""
+    if workers <= 1 or len(jobs) < 2 * workers:
+        return [fn(job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+
+
+def _write_coco_image(job):
+    path, seed, i, height, width = job
+    image, objects = render_image(np.random.default_rng([_IMAGE_STREAM, seed, i]), height, width)
+    _write_png(path, image)
+    return objects
+
+
+def _write_crop(job):
+    path, seed, category_id, i, crop_size = job
+    _write_png(path, render_crop(np.random.default_rng([_CROP_STREAM, seed, category_id, i]), category_id, crop_size))
+
+
+def make_coco_split(out_dir, split, num_images, seed, image_size=(128, 128), workers=1):
+    """Write `out_dir/<split>/NNNNNN.png` and `out_dir/annotations/instances_<split>.json` (COCO format),
+    drawing the images in `workers` processes (the files are the same for any number).
 
     Image ids start at 1 and follow the file numbering; annotation ids are unique and start at 1.
     Returns the path of the annotation file.
@@ -229,11 +252,11 @@ def make_coco_split(out_dir, split, num_images, seed, image_size=(128, 128)):
     image_dir = os.path.join(out_dir, split)
     _prepare_folder(image_dir)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    names = [f"{i:06d}.png" for i in range(num_images)]
+    drawn = _run(_write_coco_image, [(os.path.join(image_dir, name), seed, i, height, width)
+                                     for i, name in enumerate(names)], workers)
     images, annotations = [], []
-    for i in range(num_images):
-        image, objects = render_image(np.random.default_rng([_IMAGE_STREAM, seed, i]), height, width)
-        file_name = f"{i:06d}.png"
-        _write_png(os.path.join(image_dir, file_name), image)
+    for i, (file_name, objects) in enumerate(zip(names, drawn)):
         images.append({"id": i + 1, "file_name": file_name, "height": height, "width": width})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, **obj})
@@ -246,29 +269,32 @@ def make_coco_split(out_dir, split, num_images, seed, image_size=(128, 128)):
     }
     json_path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
     with open(json_path, "w") as f:
-        json.dump(dataset, f)
+        f.write(json.dumps(dataset))  # json.dumps encodes in C: 4x faster than json.dump to a file here
     return json_path
 
 
-def make_crops(out_dir, split, num_per_class, seed, crop_size=64):
-    """Write an ImageFolder of single-object crops, `out_dir/crops/<split>/<class_name>/NNNNNN.png`.
+def make_crops(out_dir, split, num_per_class, seed, crop_size=64, workers=1):
+    """Write an ImageFolder of single-object crops, `out_dir/crops/<split>/<class_name>/NNNNNN.png`, in
+    `workers` processes.
 
     Returns the split's folder.
     """
     _check_seed(seed)
     split_dir = os.path.join(out_dir, "crops", split)
+    jobs = []
     for category in CATEGORIES:
         class_dir = os.path.join(split_dir, category["name"])
         _prepare_folder(class_dir)
-        for i in range(num_per_class):
-            rng = np.random.default_rng([_CROP_STREAM, seed, category["id"], i])
-            _write_png(os.path.join(class_dir, f"{i:06d}.png"), render_crop(rng, category["id"], crop_size))
+        jobs += [(os.path.join(class_dir, f"{i:06d}.png"), seed, category["id"], i, crop_size)
+                 for i in range(num_per_class)]
+    _run(_write_crop, jobs, workers)
     return split_dir
 
 
 def make_synthetic(out_dir, num_train=200, num_val=50, seed=0, image_size=(128, 128), crops_per_class=100,
-                   crop_size=64):
-    """Write the whole dataset under `out_dir`: COCO train/val splits and train/val classification crops.
+                   crop_size=64, workers=1):
+    """Write the whole dataset under `out_dir`: COCO train/val splits and train/val classification crops,
+    in `workers` processes.
 
     Train uses `seed`, val uses `seed + VAL_SEED_OFFSET`. Returns {name: path} of what was written.
     """
@@ -277,7 +303,8 @@ def make_synthetic(out_dir, num_train=200, num_val=50, seed=0, image_size=(128, 
     written = {}
     for split, split_seed in seeds.items():
         written[f"{split}_images"] = os.path.join(out_dir, split)
-        written[f"{split}_annotations"] = make_coco_split(out_dir, split, counts[split], split_seed, image_size)
+        written[f"{split}_annotations"] = make_coco_split(out_dir, split, counts[split], split_seed, image_size,
+                                                          workers)
         if crops_per_class > 0:
-            written[f"{split}_crops"] = make_crops(out_dir, split, crops_per_class, split_seed, crop_size)
+            written[f"{split}_crops"] = make_crops(out_dir, split, crops_per_class, split_seed, crop_size, workers)
     return written

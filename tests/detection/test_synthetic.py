@@ -115,6 +115,16 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     assert a["train/000000.png"] != c["train/000000.png"]
 
 
+def test_two_processes_write_the_same_files(tmp_path):
+    """`workers` draws the images in several processes; each image seeds its own generator, so the files
+    (and the annotation JSON, in image order) are byte for byte those of one process."""
+    for name, workers in (("one", 1), ("two", 2)):
+        make_synthetic(str(tmp_path / name), num_train=12, num_val=4, seed=5, image_size=(64, 64),
+                       crops_per_class=4, workers=workers)
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert len(one) == 12 + 4 + 2 + 2 * 3 * 4 and one == two
+
+
 def test_image_i_does_not_depend_on_the_number_of_images(tmp_path):
     make_coco_split(str(tmp_path / "few"), "train", 2, seed=3, image_size=(64, 64))
     make_coco_split(str(tmp_path / "many"), "train", 5, seed=3, image_size=(64, 64))

@@ -202,7 +202,7 @@ def test_linear_lr_scaling_rule(tmp_path, caplog):
     trainer.train()
     assert [h["lr"] for h in trainer.writer.history] == pytest.approx([0.025, 0.025, 0.0025, 0.0025])
     assert _toy_trainer(tmp_path / "off", ims_per_batch=64).lr_scale == 1.0  # 0: base_lr as given
-    with pytest.raises(ConfigError, match="solver.reference_batch_size must be 0"):
+    with pytest.raises(ConfigError, match="'solver.reference_batch_size' must be at least 0, got -1"):
         _toy_trainer(tmp_path / "bad", reference_batch_size=-1)
 
 

@@ -1,5 +1,6 @@
 """Broken and hostile config files and overrides: each is one ConfigError naming the file, key or line."""
 import re
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,24 @@ def test_wrong_type_in_file(tmp_path, text, key, expected, got):
 ])
 def test_wrong_type_as_override(override, message):
     assert refused("configs/frcnn_r50.yaml", [override]) == f"{message} (from override {override!r})"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.ims_per_batch=0", "config key 'solver.ims_per_batch' must be at least 1, got 0"),
+    ("test.ims_per_batch=-2", "config key 'test.ims_per_batch' must be at least 1, got -2"),
+    ("data.num_workers=-1", "config key 'data.num_workers' must be at least 0, got -1"),
+    ("input.min_size_train=[640,0]", "config key 'input.min_size_train[1]' must be at least 1, got 0"),
+    ("solver.steps=[-5]", "config key 'solver.steps[0]' must be at least 0, got -5"),
+    ("model.roi_heads.batch_size_per_image=0",
+     "config key 'model.roi_heads.batch_size_per_image' must be at least 1, got 0"),
+])
+def test_out_of_range_count_is_refused(tmp_path, override, message):
+    """A count below its smallest sensible value (no images per batch, negative workers or sizes) is named
+    when the config is read, not as a traceback from a sampler or a tensor shape later."""
+    assert refused("configs/frcnn_r50.yaml", [override]) == f"{message} (from override {override!r})"
+    path = write(tmp_path, "a.yaml", "_base_: " + str(Path("configs/frcnn_r50.yaml").resolve()) +
+                 "\nsolver:\n  log_period: 0\n")
+    assert refused(path) == f"config key 'solver.log_period' must be at least 1, got 0 (in {path})"
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])

@@ -58,10 +58,14 @@ class GroundTruthModel(torch.nn.Module):
         self.rng = np.random.default_rng(0)
 
     def forward(self, images):
+        self.batches = getattr(self, "batches", []) + [len(images)]
+        return [self.detect(image) for image in images]
+
+    def detect(self, image):
         img_id = self.img_ids[self.next % len(self.img_ids)]
         self.next += 1
         anns = self.gt.loadAnns(self.gt.getAnnIds(imgIds=img_id, iscrowd=False))
-        h, w = images[0].shape[1:]
+        h, w = image.shape[1:]
         masks = np.stack([self.gt.annToMask(a) for a in anns]).astype(np.float32) * 0.8 if anns else np.zeros((0, h, w))
         boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)]).reshape(-1, 4)
         labels = [a["category_id"] for a in anns]  # the synthetic ids are 1..3: labels and ids coincide
@@ -73,9 +77,8 @@ class GroundTruthModel(torch.nn.Module):
             masks = np.concatenate([masks, np.full((1, h, w), 0.6)])
             boxes = np.concatenate([boxes, [[0, 0, w / 2, h / 2]]])
             labels, scores = labels + [1], np.concatenate([scores, [0.5]])
-        return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores, dtype=torch.float32),
-                 "labels": torch.tensor(labels, dtype=torch.int64),
-                 "masks": torch.tensor(masks, dtype=torch.float32)[:, None]}]
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(labels, dtype=torch.int64), "masks": torch.tensor(masks, dtype=torch.float32)[:, None]}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,22 @@ def test_evaluate_detector_scores_boxes_and_masks_like_pycocotools(shapes, tmp_p
         assert metrics["bbox"]["AP"] == metrics["segm"]["AP"] == 100
     else:
         assert 10 < metrics["segm"]["AP"] < 95
+
+
+def test_evaluation_in_batches_gives_the_same_results(shapes, tmp_path):
+    """test.ims_per_batch runs the model on several images at a time; every image keeps its own detections
+    and the results file is the same as one image at a time."""
+    root, ann = shapes
+    gt = COCO(str(ann))
+    written = {}
+    for batch in (1, 4):
+        cfg = _cfg(root, ann, tmp_path / str(batch))
+        cfg.test.ims_per_batch = batch
+        model = GroundTruthModel(gt, noise=2.0)
+        evaluate_detector(cfg, model, torch.device("cpu"))
+        assert model.batches == ([1] * 6 if batch == 1 else [4, 2])
+        written[batch] = (tmp_path / str(batch) / "eval" / "results.json").read_text()
+    assert written[4] == written[1] and json.loads(written[1])
 
 
 def test_infer_files_writes_and_draws_masks(shapes, tmp_path, monkeypatch):
