@@ -6,24 +6,26 @@ setup(
     description="ResNet backbones with FPN, Faster R-CNN and Mask R-CNN, trained and evaluated on COCO",
     python_requires=">=3.10",
     packages=find_packages(include=["backbones*", "detection*", "segmentation*", "engine*"]),
+    # Ranges for people who import the library; an upper bound wherever the next major release has not been
+    # tested. The exact versions the suite runs with are in constraints.txt (README, Installing).
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
-        "numpy",
-        "pycocotools>=2.0.7",
-        "albumentations>=1.4",
-        "opencv-python-headless>=4.8",
-        "pyyaml>=6.0",
-        "tqdm",
-        "tensorboard",
-        "matplotlib",
-        "faster-coco-eval>=1.6",
-        "scikit-learn",  # the handwritten digits of tools/degradation.py
+        "torch>=2.1,<3",
+        "torchvision>=0.16,<1",
+        "numpy<3",
+        "pycocotools>=2.0.7,<3",
+        "albumentations>=1.4,<3",
+        "opencv-python-headless>=4.8,<6",  # 4.x and 5.x both tested
+        "pyyaml>=6.0,<7",
+        "tqdm<5",
+        "tensorboard<3",
+        "matplotlib<4",
+        "faster-coco-eval>=1.6,<2",
+        "scikit-learn<2",  # the handwritten digits of tools/degradation.py
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "timm>=0.9",
-                 "onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
+        "test": ["pytest>=7,<10", "pytest-timeout<3", "hypothesis<7", "timm>=0.9,<2",
+                 "onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.3,<1"],
         # tools/export.py --format onnx (torch.onnx.export(dynamo=True) needs onnxscript)
-        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
+        "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.3,<1"],
     },
 )

@@ -13,8 +13,9 @@ from backbones.norms import FrozenBatchNorm2d
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Two cores: keep intra-op threads at 2 so parallel tests do not oversubscribe.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep intra-op threads at 2 so parallel tests do not oversubscribe. OMP_NUM_THREADS, where set,
+# wins: the suite is also run with 1 thread, since results must not depend on the thread count.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

@@ -93,11 +93,13 @@ def _broken_bytes(kind):
     return None
 
 
-# Each broken kind: the file's name and how the DatasetError's message goes on after "<path>: ".
+# Each broken kind: the file's name and how the DatasetError's message goes on after "<path>: ". Only our
+# own words are pinned: the decoder's reason that may follow them is its own wording and changes between
+# releases (OpenCV 4.x passes libpng's "IDAT: ..." on for a truncated PNG, 5.x says nothing).
 BROKEN = {
     "truncated_jpeg": ("cut.jpg", "not a readable image (corrupt, truncated or not an image format"),
-    "truncated_png": ("cut.png", "not a readable image (corrupt, truncated or not an image format: "),
-    "corrupt_jpeg": ("damaged.jpg", "corrupt JPEG (Corrupt JPEG data: "),
+    "truncated_png": ("cut.png", "not a readable image (corrupt, truncated or not an image format"),
+    "corrupt_jpeg": ("damaged.jpg", "corrupt JPEG ("),
     "empty": ("empty.jpg", "image file is empty (0 bytes); re-copy or delete it"),
     "text": ("notes.jpg", "not a readable image (corrupt, truncated or not an image format"),
     "missing": ("gone.jpg", "image file does not exist"),
