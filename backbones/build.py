@@ -2,6 +2,9 @@
 and each `model.fpn.*` key the FPN argument of the same name.
 """
 import logging
+import os
+import shlex
+from pathlib import Path
 
 from engine.errors import CheckpointError, ConfigError
 
@@ -11,6 +14,7 @@ from .resnet import ResNet
 from .weights import from_torchvision_resnet, load_state_dict, read_weights
 
 logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
 
 # model.backbone keys that are ResNet constructor arguments (the rest: depth, weights, out_features).
 RESNET_OPTIONS = ("groups", "width_per_group", "norm", "num_groups", "freeze_at", "stride_in_1x1",
@@ -21,9 +25,27 @@ def resnet_options(backbone_cfg) -> dict:
     return {k: backbone_cfg[k] for k in RESNET_OPTIONS if k in backbone_cfg}
 
 
+def missing_backbone_file(path: str, depth: int) -> CheckpointError:
+    """The error for a model.backbone.weights file that does not exist, saying the two ways to make one.
+    Only training from ImageNet weights reads this file: a trained detector (--weights, model.weights)
+    holds its backbone, so the message says that too."""
+    cls_config = f"configs/cls_r{depth}.yaml"
+    cls_config = cls_config if (REPO / cls_config).is_file() else "configs/cls_r50.yaml"
+    return CheckpointError(
+        f"model.backbone.weights={path} not found: it holds the ImageNet weights that start the ResNet for "
+        f"training. Make it by training a classifier, `python tools/train_cls.py {cls_config}` (writes backbone.pth "
+        f"in its output_dir; point model.backbone.weights there), or by converting torchvision's: save "
+        f"torchvision.models.resnet{depth}(weights='IMAGENET1K_V1').state_dict() as resnet{depth}-tv.pth, then "
+        f"`python tools/convert_weights.py --from torchvision resnet{depth}-tv.pth {shlex.quote(path)}`; or set "
+        "model.backbone.weights=null to start from random initialisation. A trained detector needs no such "
+        "file: give it with --weights or model.weights")
+
+
 def load_backbone_weights(resnet: ResNet, path: str):
     """ImageNet weights into a ResNet: ours, or torchvision's names (converted on the fly). Another kind
     of file (a detector, or weights another converter handles) is refused, saying what it is."""
+    if not os.path.isfile(path):
+        raise missing_backbone_file(path, resnet.depth)
     state = read_weights(path)
     kind = checkpoint_kind(state)
     if kind.source == "torchvision" and kind.model in ("classifier", "resnet"):
@@ -40,17 +62,20 @@ def load_backbone_weights(resnet: ResNet, path: str):
     return load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
 
 
-def build_resnet(cfg, num_classes, out_features=None) -> ResNet:
+def build_resnet(cfg, num_classes, out_features=None, init_weights: bool = True) -> ResNet:
+    """`init_weights`: load model.backbone.weights. False where a whole-model file will fill the ResNet
+    anyway (a detector's weights), so that the ImageNet file is neither opened nor required."""
     b = cfg["model"]["backbone"]
     model = ResNet(b["depth"], num_classes, out_features=out_features, **resnet_options(b))
-    if b.get("weights"):
+    if init_weights and b.get("weights"):
         load_backbone_weights(model, b["weights"])
     return model
 
 
 def build_classifier(cfg) -> ResNet:
-    model = build_resnet(cfg, cfg["model"]["num_classes"])
     path = cfg["model"].get("weights")
+    # model.weights is the whole classifier: model.backbone.weights is not opened then.
+    model = build_resnet(cfg, cfg["model"]["num_classes"], init_weights=not path)
     if path:
         state = read_weights(path)
         kind = checkpoint_kind(state)
@@ -65,10 +90,10 @@ def build_classifier(cfg) -> ResNet:
     return model
 
 
-def build_backbone(cfg) -> FPN:
-    """ResNet + FPN as configured under `model.backbone` and `model.fpn`."""
+def build_backbone(cfg, init_weights: bool = True) -> FPN:
+    """ResNet + FPN as configured under `model.backbone` and `model.fpn`; `init_weights` as in `build_resnet`."""
     b, f = cfg["model"]["backbone"], cfg["model"]["fpn"]
-    body = build_resnet(cfg, None, out_features=b["out_features"])
+    body = build_resnet(cfg, None, out_features=b["out_features"], init_weights=init_weights)
     return FPN(body, b["out_features"], out_channels=f["out_channels"], norm=f["norm"],
                top_block=f["top_block"], num_groups=b.get("num_groups", 32))
 

@@ -1,7 +1,7 @@
 """Faster R-CNN with FPN on the backbones package: model, data, evaluation.
 
     import detection
-    model = detection.build_detector("configs/torchvision/frcnn_r50_fpn.yaml", ["model.weights=frcnn.pth"])
+    model = detection.build_detector("configs/torchvision/frcnn_r50_fpn.yaml", weights="frcnn.pth", for_inference=True)
     predictor = detection.Predictor("configs/torchvision/frcnn_r50_fpn.yaml", weights="frcnn.pth")
     result = predictor(rgb_uint8_array)     # {"boxes", "scores", "labels"}
 """

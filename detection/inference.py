@@ -20,7 +20,7 @@ from engine.device import resolve_device
 from engine.errors import DatasetError
 
 from .data.build import wants_masks
-from .build import build_detector, category_ids, category_names, load_detector_weights
+from .build import build_detector, category_ids, category_names
 from .visualize import draw_detections
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def to_coco_results(det: Dict[str, torch.Tensor], label_to_id: Dict[int, int], m
 
 def load_model(cfg, weights):
     device = resolve_device(cfg.device)
-    model = build_detector(cfg)
-    if weights:
-        load_detector_weights(model, weights)
+    model = build_detector(cfg, weights=weights, for_inference=True)
     return model.eval().to(device), device
 
 

@@ -5,7 +5,7 @@ import torch
 from engine.device import resolve_device
 from engine.config import as_config
 
-from .build import build_detector, load_detector_weights
+from .build import build_detector
 
 
 class Predictor:
@@ -16,9 +16,8 @@ class Predictor:
     def __init__(self, config, weights=None, overrides=(), device=None):
         self.cfg = as_config(config, overrides)
         self.device = resolve_device(device or self.cfg.device)
-        self.model = build_detector(self.cfg)
-        if weights:
-            load_detector_weights(self.model, weights)
+        # `weights`, else model.weights, is the whole detector, used as it is: it must cover the model.
+        self.model = build_detector(self.cfg, weights=weights, for_inference=True)
         self.model.eval().to(self.device)
 
     @torch.inference_mode()

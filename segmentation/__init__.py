@@ -2,7 +2,7 @@
 `detection.build_detector` for configs with `model.name: mask_rcnn`:
 
     import detection
-    model = detection.build_detector("configs/torchvision/mrcnn_r50_fpn.yaml", ["model.weights=mrcnn.pth"])
+    model = detection.build_detector("configs/torchvision/mrcnn_r50_fpn.yaml", weights="mrcnn.pth", for_inference=True)
 """
 from .mask_head import MaskHead
 from .mask_rcnn import MaskRCNN

@@ -19,7 +19,9 @@ def main(argv=None):
     parser.add_argument("config")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="COCO results json (image_id, category_id, score, bbox[, segmentation])")
-    source.add_argument("--weights", help="checkpoint to run on data.val and evaluate")
+    source.add_argument("--weights", help="checkpoint to run on data.val and evaluate: the whole detector, ours or "
+                        "torchvision's; model.backbone.weights is not read, and a file that does not "
+                        "cover the model is an error")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     # Intermixed: `CONFIG --results R.json KEY=VALUE` would otherwise reject the overrides after the option.
     args = parser.parse_intermixed_args(argv)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from detection.build import build_detector, load_detector_weights
+from detection.build import build_detector
 from detection.export import FORMATS, export_and_check, read_images
 from engine.cli import parser_for, run
 from engine.config import load_config
@@ -24,16 +24,16 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    parser.add_argument("--weights", help="our checkpoint or a torchvision detection state dict")
+    parser.add_argument("--weights", help="the whole detector, ours or torchvision's; model.backbone.weights "
+                        "is not read, and a file that does not cover the model is an error")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True)
     parser.add_argument("--check-images", nargs="+", default=[], help="images or folders to compare on")
     parser.add_argument("--dtype", choices=["uint8", "float32"], default="uint8", help="the file's image type")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    model = build_detector(cfg)  # on the CPU: the check compares with the eager model there
-    if args.weights:
-        load_detector_weights(model, args.weights)
+    # On the CPU: the check compares with the eager model there.
+    model = build_detector(cfg, weights=args.weights, for_inference=True)
     images = read_images(args.check_images) if args.check_images else ()
     checks = export_and_check(model, args.output, args.format, images, getattr(torch, args.dtype))
     for check in checks:

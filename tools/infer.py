@@ -19,7 +19,9 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", required=True,
+                        help="the whole detector, ours or torchvision's; model.backbone.weights is not read, "
+                        "and a file that does not cover the model is an error")
     parser.add_argument("--input", nargs="+", required=True, help="images or folders")
     parser.add_argument("--output", required=True)
     parser.add_argument("--no-vis", action="store_true", help="skip the PNG visualisations")

@@ -63,6 +63,16 @@ def test_missing_weights_file_is_named():
         build_model(cfg)
 
 
+def test_classifier_weights_make_the_backbone_file_unneeded(tmp_path):
+    """model.weights is the whole classifier: model.backbone.weights is not opened, even where it is missing."""
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "tv.pth")
+    model = {"name": "classifier", "num_classes": 5, "backbone": {"depth": 18, "weights": str(tmp_path / "gone.pth")}}
+    with pytest.raises(CheckpointError, match="gone.pth not found"):
+        build_model(Config.from_dict({"model": model}))
+    classifier = build_model(Config.from_dict({"model": {**model, "weights": str(tmp_path / "tv.pth")}}))
+    assert torch.equal(classifier.fc.weight, torch.load(tmp_path / "tv.pth", weights_only=True)["fc.weight"])
+
+
 def test_unknown_option_value_from_config():
     with pytest.raises(ConfigError, match="model.backbone.depth"):
         load_config(CONFIGS / "backbones" / "r50_fpn.yaml", ["model.backbone.depth=42"])

@@ -102,3 +102,29 @@ def test_overrides_apply_to_a_config_object():
     predictor = Predictor(Config.from_dict(CFG), overrides=["test.score_thresh=0.5"])
     assert predictor.cfg.test.score_thresh == 0.5
     assert predictor.model.roi_heads.score_thresh == 0.5
+
+
+def test_whole_detector_weights_need_no_backbone_file_and_must_cover_the_model(tmp_path):
+    from engine.errors import CheckpointError
+
+    torch.manual_seed(1)
+    source = Predictor(Config.from_dict(CFG))
+    state = source.model.state_dict()
+    save_weights(str(tmp_path / "det.pth"), state)
+    absent = str(tmp_path / "no" / "resnet18.pth")
+    cfg = Config.from_dict({**CFG, "model": {**CFG["model"],
+                                             "backbone": {**CFG["model"]["backbone"], "weights": absent}}})
+    with pytest.raises(CheckpointError, match="resnet18.pth not found"):  # it is missing, and would be opened
+        Predictor(cfg)
+    image = _image(seed=5)
+    for loaded in (Predictor(cfg, weights=str(tmp_path / "det.pth")),  # weights= and model.weights alike
+                   Predictor(cfg, overrides=[f"model.weights={tmp_path / 'det.pth'}"])):
+        a, b = source(image), loaded(image)
+        for key in a:
+            assert torch.equal(a[key], b[key])
+    cut = [k for k in state if k.startswith("roi_heads.box_head.")][:3]
+    save_weights(str(tmp_path / "cut.pth"), {k: v for k, v in state.items() if k not in cut})
+    for kwargs in ({"weights": str(tmp_path / "cut.pth")}, {"overrides": [f"model.weights={tmp_path / 'cut.pth'}"]}):
+        with pytest.raises(CheckpointError, match=f"does not cover the model: 3 of the model's tensors are not in it: "
+                                                  f"{', '.join(cut)}\\."):
+            Predictor(cfg, **kwargs)

@@ -185,12 +185,80 @@ def test_detector_as_backbone_weights(detectors):
                                "not a ResNet classifier or backbone (a detector's checkpoint goes in model.weights)")
 
 
-def test_wrong_number_of_classes(detectors):
+PREDICTOR = ["roi_heads.predictor.cls_score.weight", "roi_heads.predictor.cls_score.bias",
+             "roi_heads.predictor.bbox_pred.weight", "roi_heads.predictor.bbox_pred.bias"]
+BOX_HEAD_CUT = ["roi_heads.box_head.fc1.weight", "roi_heads.box_head.fc1.bias", "roi_heads.box_head.fc2.weight"]
+
+
+def test_wrong_number_of_classes_for_inference(detectors):
     with pytest.raises(CheckpointError) as info:
         load_detector_weights(build_detector(DEMO, FASTER), str(detectors["faster5"]))
     message = str(info.value)
-    assert message.startswith(f"model.weights={detectors['faster5']} does not fit the model; shape mismatches:")
+    assert message.startswith(f"--weights={detectors['faster5']} is a detector of 5 classes and the config builds "
+                              "one of 3 (model.num_classes): set model.num_classes=5")
     assert "roi_heads.predictor.cls_score.weight: file (6, " in message and "vs model (4, " in message
+
+
+def test_wrong_number_of_classes_as_training_init_warns(detectors, caplog):
+    """Fine-tuning to a new label space: the class predictors start anew, said with the reason; the rest loads."""
+    with caplog.at_level("WARNING"):
+        model = build_detector(DEMO, FASTER + [f"model.weights={detectors['faster5']}"])
+    assert (f"model.weights={detectors['faster5']} leaves 4 tensors at initialisation for training to learn: 4 of "
+            "the class predictors, as the file has 5 classes and model.num_classes=3 (a new label space, as in "
+            f"fine-tuning): {', '.join(PREDICTOR)}") in caplog.text
+    saved = read_weights(str(detectors["faster5"]))
+    assert torch.equal(model.state_dict()["roi_heads.box_head.fc2.weight"], saved["roi_heads.box_head.fc2.weight"])
+    assert model.state_dict()["roi_heads.predictor.cls_score.weight"].shape == (4, 256)
+
+
+def test_other_shape_mismatch_is_an_error_even_as_training_init(detectors, tmp_path):
+    """Only the class count may reshape tensors at initialisation: a box head of another width is refused."""
+    state = read_weights(str(detectors["faster5"]))
+    state["roi_heads.box_head.fc2.weight"] = torch.zeros(256, 128)
+    save_weights(str(tmp_path / "narrow.pth"), state)
+    with pytest.raises(CheckpointError, match=r"does not fit the model; shape mismatches:\n  "
+                                              r"roi_heads.box_head.fc2.weight: file \(256, 128\) vs model \(256, 256\)$"):
+        build_detector(DEMO, FASTER + [f"model.weights={tmp_path / 'narrow.pth'}"])
+
+
+@pytest.fixture(scope="module")
+def cut_detector(detectors, tmp_path_factory):
+    """faster3 without 3 tensors of its box head."""
+    state = read_weights(str(detectors["faster3"]))
+    path = tmp_path_factory.mktemp("cut") / "cut.pth"
+    save_weights(str(path), {k: v for k, v in state.items() if k not in BOX_HEAD_CUT})
+    return path
+
+
+def test_incomplete_detector_for_inference(cut_detector):
+    model = build_detector(DEMO, FASTER)
+    before = model.state_dict()["rpn.head.conv.weight"].clone()
+    with pytest.raises(CheckpointError) as info:
+        load_detector_weights(model, str(cut_detector))
+    assert str(info.value).startswith(f"--weights={cut_detector} does not cover the model: 3 of the model's tensors "
+                                      f"are not in it: {', '.join(BOX_HEAD_CUT)}. ")
+    assert torch.equal(model.state_dict()["rpn.head.conv.weight"], before)  # refused before anything loaded
+    # model.weights is the detector when the model is used as it is (Predictor, --eval-only): the same error.
+    with pytest.raises(CheckpointError, match=rf"^model.weights={re.escape(str(cut_detector))} does not cover"):
+        build_detector(DEMO, FASTER + [f"model.weights={cut_detector}"], for_inference=True)
+
+
+def test_incomplete_detector_as_training_init_warns(cut_detector, caplog):
+    with caplog.at_level("WARNING"):
+        model = build_detector(DEMO, FASTER + [f"model.weights={cut_detector}"])
+    assert (f"model.weights={cut_detector} leaves 3 tensors at initialisation for training to learn: 3 not in the "
+            f"file: {', '.join(BOX_HEAD_CUT)}") in caplog.text
+    saved = read_weights(str(cut_detector))
+    assert torch.equal(model.state_dict()["roi_heads.box_head.fc2.bias"], saved["roi_heads.box_head.fc2.bias"])
+
+
+def test_unexpected_tensors_for_inference_are_named_and_counted(detectors, tmp_path):
+    state = dict(read_weights(str(detectors["faster3"])), **{f"extra.{i}": torch.zeros(1) for i in range(10)})
+    save_weights(str(tmp_path / "extra.pth"), state)
+    with pytest.raises(CheckpointError) as info:
+        load_detector_weights(build_detector(DEMO, FASTER), str(tmp_path / "extra.pth"))
+    assert ("does not cover the model: 10 of its tensors have no place in the model: extra.0, extra.1, extra.2, "
+            "extra.3, extra.4, extra.5, extra.6, extra.7 and 2 more. ") in str(info.value)
 
 
 @pytest.mark.parametrize("given, built, consequence", [
