@@ -37,7 +37,7 @@ from engine.ema import ModelEMA
 from engine.errors import CheckpointError, ConfigError
 from engine.events import MetricsWriter, setup_logging
 from engine.seeding import seed_worker
-from engine.solver import build_optimizer, check_steps
+from engine.solver import build_optimizer, check_batch_divides, check_steps, solver_summary
 from engine.trainer import FINAL, Trainer, close_run, start_run, weights_to_evaluate
 
 logger = logging.getLogger("engine")
@@ -52,7 +52,6 @@ def check_cls_config(cfg):
     scale = cfg.input.crop_scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"input.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
-    check_steps(cfg.solver, cfg.solver.epochs, "epochs")
 
 
 def check_num_classes(cfg, classes, root):
@@ -82,9 +81,7 @@ def build_cls_datasets(cfg):
 def build_cls_train_loader(cfg, dataset, start_iter: int = 0) -> DataLoader:
     """Endless batches `(images, labels)` of `solver.ims_per_batch` images, epoch after epoch (see
     engine/data/samplers.py); `start_iter` skips the batches a resumed run has trained on."""
-    if cfg.solver.ims_per_batch % dist.world_size():
-        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
-                          f"{dist.world_size()} processes")
+    check_batch_divides(cfg.solver.ims_per_batch, dist.world_size())
     batches = EpochBatchSampler(len(dataset), cfg.solver.ims_per_batch, cfg.seed, start_batch=start_iter,
                                 rank=dist.rank(), world_size=dist.world_size())
     return _loader(cfg, dataset, batch_sampler=batches)
@@ -176,6 +173,7 @@ def train_classifier(cfg, resume: bool = False) -> dict:
     out, s = cfg.output_dir, cfg.solver
     check_cls_config(cfg)
     device = start_run(cfg, epochs=True)
+    check_steps(s, s.epochs, "epochs")
     train_set, val_set = build_cls_datasets(cfg)
     iters_per_epoch = len(train_set) // s.ims_per_batch
     if iters_per_epoch == 0:
@@ -204,9 +202,11 @@ def train_classifier(cfg, resume: bool = False) -> dict:
                       evaluate=lambda m: evaluate_classifier(evaluated, val_loader, device),
                       eval_period=iters_per_epoch, ema=ema)
     trainer.restore(state)
-    logger.info("training %s-%d on %d images (%d classes): %d epochs x %d iterations of %d images, device %s%s",
-                type(model).__name__, cfg.model.backbone.depth, len(train_set), len(train_set.classes), s.epochs,
-                iters_per_epoch, s.ims_per_batch, device, ", EMA of the weights" if ema is not None else "")
+    logger.info("training %s-%d on %d images (%d classes), device %s%s: %s", type(model).__name__,
+                cfg.model.backbone.depth, len(train_set), len(train_set.classes), device,
+                ", EMA of the weights" if ema is not None else "",
+                solver_summary(s, dist.world_size(), f"{s.epochs} epochs of {iters_per_epoch} iterations", "epochs",
+                               dist.backend()))
     try:
         if start_iter < max_iter:
             trainer.train(start_iter)

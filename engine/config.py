@@ -76,9 +76,11 @@ class Config(dict):
 
     `Config(d)` only wraps `d`; `Config.from_dict` and `load_config` also fill defaults and validate.
     Keys that are dict method names (`items`, `keys`, ...) are reachable only as `cfg["items"]`.
+    A resolved config also remembers which keys the command line set (`overridden`), outside its keys.
     """
 
-    __slots__ = ()
+    # Not a config key, so it is neither validated nor written to config.yaml.
+    __slots__ = ("_overridden",)
 
     def __init__(self, *args, **kwargs):
         super().__init__()
@@ -108,7 +110,11 @@ class Config(dict):
         return self[key]
 
     def copy(self) -> Config:
-        return Config(self)
+        copied = Config(self)
+        record = overridden(self)
+        if record:
+            object.__setattr__(copied, "_overridden", dict(record))
+        return copied
 
     def __getattr__(self, name):
         # Dunder lookups (pickle's __setstate__, copy's __deepcopy__) must fail the ordinary way.
@@ -121,6 +127,10 @@ class Config(dict):
 
     def __setattr__(self, name, value):
         self[name] = value
+
+    def __reduce__(self):
+        # pickle (any protocol) and copy.deepcopy: the keys, and the record of overrides, which is no key.
+        return _rebuild_config, (dict(self), overridden(self))
 
     def __delattr__(self, name):
         try:
@@ -152,6 +162,24 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     layers: list[tuple[dict, str]] = []
     _load_file(Path(path), (), layers)
     return _resolve(layers, overrides)
+
+
+def _rebuild_config(items: dict, record: dict) -> Config:
+    cfg = Config(items)
+    if record:
+        object.__setattr__(cfg, "_overridden", record)
+    return cfg
+
+
+def overridden(cfg: Config) -> dict[str, Any]:
+    """The dotted keys that KEY=VALUE overrides set when `cfg` was resolved, each with the value the files
+    (or the schema's defaults) gave it before: what the user asked for on the command line, which
+    `engine.solver.scale_to_world_size` takes literally. {} for a config resolved without overrides or
+    built by hand. The record itself, not a copy: code that adapts `cfg` in place keeps it true."""
+    try:
+        return object.__getattribute__(cfg, "_overridden")
+    except AttributeError:  # not resolved with overrides, or not a Config
+        return {}
 
 
 def as_config(config: str | Path | Mapping, overrides: Iterable[str] = ()) -> Config:
@@ -270,6 +298,7 @@ def _resolve(layers: list[tuple[dict, str]], overrides: Iterable[str]) -> Config
     for data, origin in layers:
         _check_keys(data, SCHEMA, origin)
         _merge(merged, data, origin, origins)
+    from_files = copy.deepcopy(merged)
     for item in overrides or ():
         key, raw = _split_override(item)
         key = OVERRIDE_ALIASES.get(key, key)
@@ -285,7 +314,16 @@ def _resolve(layers: list[tuple[dict, str]], overrides: Iterable[str]) -> Config
             nested = {part: nested}
         _merge(merged, nested, origin, origins)
     _validate(merged, SCHEMA, origins)
-    return Config(_expand_env(merged))
+    cfg = Config(_expand_env(merged))
+    files = Config(_expand_env(from_files))
+    record = {}
+    for key, origin in origins.items():
+        if origin.startswith("from override "):
+            before = files.get_path(key, None)
+            record[key] = before.to_dict() if isinstance(before, Config) else before
+    if record:
+        object.__setattr__(cfg, "_overridden", record)
+    return cfg
 
 
 # `${NAME}` or `${NAME:-default}` in string values: dataset locations differ per machine, so configs

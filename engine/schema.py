@@ -204,7 +204,8 @@ SCHEMA: dict = {
                                     "base_lr * ims_per_batch / reference_batch_size (linear scaling); 0: base_lr as is"),
         "reference_world_size": Opt(int, 0, min=0, help="> 0: the batch (ims_per_batch), lr and schedule are written for this many "
                                     "processes; with another number they are rescaled, keeping the images per process "
-                                    "(linear scaling rule); 0: used as written"),
+                                    "(linear scaling rule); an ims_per_batch given on the command line is the batch "
+                                    "of the run, the rest scaled from the file's; 0: used as written"),
         "label_smoothing": Opt(float, 0.0, help="classification: label smoothing of the cross-entropy (0: none)"),
         "ema": Opt(bool, False, help="classification: keep an exponential moving average of the weights, "
                    "evaluated and exported as backbone.pth"),

@@ -232,8 +232,9 @@ class Trainer:
 def start_run(cfg, epochs: bool = False) -> torch.device:
     """What every training run does first: join torchrun's process group when there is one and take this
     process's device, set up log.txt (rank 0) and the seeds (each process its own random stream; DDP starts
-    all of them from rank 0's initial weights), and adapt the solver to the number of processes
-    (`solver.reference_world_size`; `epochs`: a classification schedule). Returns the device."""
+    all of them from rank 0's initial weights), and settle the batch, lr and lengths for the number of
+    processes and what the command line set (`engine.solver.scale_to_world_size`; `epochs`: a
+    classification schedule). Returns the device."""
     device = setup_device(cfg)
     setup_logging(cfg.output_dir)
     seed_everything(cfg.seed + dist.rank())

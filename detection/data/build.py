@@ -3,8 +3,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine.device import pin_memory
-from engine.errors import ConfigError
 from engine.seeding import seed_worker
+from engine.solver import check_batch_divides
 
 from .coco import CocoDetection
 from .mapper import transform_from_config
@@ -46,9 +46,7 @@ def build_detection_train_loader(cfg, start_iter: int = 0, rank: int = 0, world_
     """Endless batches `(images, targets)` of `solver.ims_per_batch / world_size` images of `data.train`,
     augmented by the training transform (`input.*`); `start_iter` skips the batches a resumed run has
     already trained on. images: uint8 (3, H, W) tensors; targets: CocoDetection's dicts."""
-    if cfg.solver.ims_per_batch % world_size:
-        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
-                          f"{world_size} processes")
+    check_batch_divides(cfg.solver.ims_per_batch, world_size)
     dataset = build_dataset(cfg, "train", True, transform_from_config(cfg, train=True))
     sampler = TrainingSampler(len(dataset), cfg.seed, rank=rank, world_size=world_size)
     batches = AspectRatioGroupedBatchSampler(sampler, dataset.landscape, cfg.solver.ims_per_batch // world_size,

@@ -400,6 +400,20 @@ def test_pickle(protocol):
     assert back.model.backbone.depth == 101
 
 
+def test_overrides_are_recorded_with_the_files_values(tmp_path):
+    from engine.config import overridden
+
+    path = tmp_path / "c.yaml"
+    path.write_text("solver: {ims_per_batch: 8, base_lr: 0.01}\n")
+    cfg = load_config(path, ["solver.ims_per_batch=2", "model.depth=101", "solver={max_iter: 3}"])
+    assert overridden(cfg) == {"solver.ims_per_batch": 8, "model.backbone.depth": 50, "solver.max_iter": 1000}
+    assert overridden(load_config(path)) == {} and overridden(cfg.solver) == {}
+    for copied in (pickle.loads(pickle.dumps(cfg, protocol=0)), pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg),
+                   cfg.copy()):
+        assert copied == cfg and overridden(copied) == overridden(cfg)
+    assert "_overridden" not in cfg and "overridden" not in cfg.to_yaml()  # no config key
+
+
 def test_deepcopy_is_independent():
     cfg = Config.from_dict({})
     dup = copy.deepcopy(cfg)

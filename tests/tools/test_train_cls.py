@@ -86,3 +86,26 @@ def test_backbone_converts_to_torchvision(cli_run, capsys, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(tv.eval()(x), ours.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_short_run_of_a_shipped_config_with_the_batch_given(cli_run, capsys, tmp_path):
+    """configs/cls_r18.yaml (256 images on 8 processes, lr steps at epochs 30, 60, 80) on small crops with
+    `solver.epochs=2 solver.ims_per_batch=8`: 8 images per step on one process, not 8 / 8 = 1, at the lr
+    0.1 x 8 / 256 that reference_batch_size gives; the steps past the 2 epochs are dropped with one warning,
+    and the console states batch, lr and length."""
+    path, _, _ = cli_run
+    small = yaml.safe_load(path.read_text())
+    cfg = tmp_path / "cls_r18_small.yaml"
+    cfg.write_text(yaml.safe_dump({"_base_": str(REPO / "configs/cls_r18.yaml"), "input": small["input"],
+                                   "data": small["data"], "model": {"num_classes": 3}, "device": "cpu"}))
+    out = tmp_path / "out"
+    result = run_tool(capsys, "train_cls.py", cfg, f"output_dir={out}", "solver.epochs=2", "solver.ims_per_batch=8")
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "WARNING" in line and "solver.steps" in line]
+    assert len(warned) == 1 and "epochs [30, 60, 80] are at or past the end of this run (2 epochs)" in warned[0]
+    # 24 training images: 3 iterations of 8 per epoch
+    assert "8 images per batch (1 process), lr 0.003125, 2 epochs of 3 iterations, no lr steps" in result.stderr
+    lrs = [json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert lrs == pytest.approx([0.003125] * len(lrs)) and len(lrs) >= 2
+    ran = load_config(out / "config.yaml").solver
+    assert (ran.ims_per_batch, ran.epochs, ran.steps, ran.reference_world_size) == (8, 2, [], 1)
