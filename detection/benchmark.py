@@ -6,6 +6,11 @@ Weights: `--weights` if given, else the config's model seeded with `seed` (Froze
 non-trivial). A model with random weights scores no class above test.score_thresh, so without --weights
 the threshold is 0 on both sides: every image keeps its test.detections_per_img detections, which is the
 load a trained model has on a busy image (and what the mask branch of Mask R-CNN then works on).
+
+Memory format: both sides run in the one `memory_format` given ("contiguous", i.e. NCHW, or
+"channels_last", i.e. NHWC): their parameters, the padded batch and so every convolution's input. oneDNN's
+convolutions differ by up to 1.3x between the two on a CPU, so sides in different formats would time the
+format, not the implementation.
 """
 import functools
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -17,6 +22,8 @@ from engine.config import as_config
 from engine.errors import ConfigError
 
 from .build import build_detector, load_detector_weights
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def random_image(size: Tuple[int, int], seed: int) -> torch.Tensor:
@@ -38,9 +45,20 @@ def _seeded(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def our_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int):
+def _check_format(memory_format: str):
+    if memory_format not in MEMORY_FORMATS:
+        raise ConfigError(f"memory format {memory_format!r}: use one of {', '.join(MEMORY_FORMATS)}")
+
+
+def our_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int,
+                 memory_format: str = "contiguous"):
+    """Ours in `memory_format`, whatever the config's model.channels_last says (it is overridden here, so
+    the two sides cannot differ through the config)."""
+    _check_format(memory_format)
     torch.manual_seed(seed)
-    overrides = list(overrides) + ["model.backbone.weights=null", "model.weights=null"]
+    channels_last = "true" if memory_format == "channels_last" else "false"
+    overrides = list(overrides) + ["model.backbone.weights=null", "model.weights=null",
+                                   f"model.channels_last={channels_last}"]
     if not weights:
         overrides.append("test.score_thresh=0.0")
     model = build_detector(config, overrides)
@@ -51,14 +69,20 @@ def our_detector(config, overrides: Sequence[str], weights: Optional[str], seed:
     return model
 
 
-def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int):
+def _batch_in_format(memory_format: torch.memory_format, module, args):
+    return (args[0].contiguous(memory_format=memory_format),) + tuple(args[1:])
+
+
+def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int,
+                         memory_format: str = "contiguous"):
     """torchvision's model of the same kind, holding our model's weights (converted), with the config's
-    test settings. Only configs torchvision can express convert (configs/torchvision/*.yaml)."""
+    test settings, in `memory_format`. Only configs torchvision can express convert
+    (configs/torchvision/*.yaml)."""
     from torchvision.models import detection
 
     from .weights import TORCHVISION_BUILDERS, to_torchvision_detector
 
-    ours = our_detector(config, overrides, weights, seed)
+    ours = our_detector(config, overrides, weights, seed, memory_format)
     cfg = as_config(config, list(overrides) + ([] if weights else ["test.score_thresh=0.0"]))
     mask = cfg.model.name == "mask_rcnn"
     builder = getattr(detection, TORCHVISION_BUILDERS[mask])
@@ -70,14 +94,21 @@ def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str
                     box_score_thresh=t.score_thresh, box_nms_thresh=t.nms_thresh,
                     box_detections_per_img=t.detections_per_img)
     model.load_state_dict(to_torchvision_detector(ours.state_dict()).state_dict, strict=True)
+    fmt = MEMORY_FORMATS[memory_format]
+    model.to(memory_format=fmt)
+    # torchvision pads the batch into a fresh NCHW tensor (GeneralizedRCNNTransform.batch_images), where
+    # ours pads it in the model's format; without this copy its first convolution alone would run on an
+    # NCHW input. One copy of a 3xHxW batch: milliseconds against seconds.
+    model.backbone.register_forward_pre_hook(functools.partial(_batch_in_format, fmt))
     return model
 
 
 BUILDERS = {"ours": our_detector, "torchvision": torchvision_detector}
 
 
-def setup_infer(impl: str, config, overrides, weights, size, seed, device) -> Callable[[], object]:
-    model = BUILDERS[impl](config, overrides, weights, seed).eval().to(device)
+def setup_infer(impl: str, config, overrides, weights, size, seed, device,
+                memory_format: str = "contiguous") -> Callable[[], object]:
+    model = BUILDERS[impl](config, overrides, weights, seed, memory_format).eval().to(device)
     image = random_image(size, seed).to(device)
 
     def infer():
@@ -97,10 +128,12 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def infer_sides(config, overrides, weights, size, seed, device, peers: List[str]) -> List[Side]:
+def infer_sides(config, overrides, weights, size, seed, device, peers: List[str],
+                memory_format: str = "contiguous") -> List[Side]:
     sides = []
     for impl in ["ours"] + peers:
-        setup = functools.partial(setup_infer, impl, config, list(overrides), weights, tuple(size), seed, device)
+        setup = functools.partial(setup_infer, impl, config, list(overrides), weights, tuple(size), seed, device,
+                                  memory_format)
         sides.append(Side(impl, setup, flops=count_flops(setup()), images=1))
     return sides
 
@@ -145,13 +178,14 @@ def _freeze_torchvision(model, freeze_at: int):
     return model
 
 
-def setup_train(impl: str, config, overrides, weights, size, batch, seed, device) -> Callable[[], object]:
+def setup_train(impl: str, config, overrides, weights, size, batch, seed, device,
+                memory_format: str = "contiguous") -> Callable[[], object]:
     """One SGD step (forward with targets, backward, update) on a fixed batch."""
     cfg = as_config(config, overrides)
     if cfg.model.backbone.norm != "FrozenBN":
         raise ConfigError("the training benchmark compares frozen-BN models (model.backbone.norm=FrozenBN), "
                           f"got {cfg.model.backbone.norm}")
-    model = BUILDERS[impl](config, overrides, weights, seed)
+    model = BUILDERS[impl](config, overrides, weights, seed, memory_format)
     if impl == "torchvision":
         _freeze_torchvision(model, cfg.model.backbone.freeze_at)
     else:
@@ -175,9 +209,11 @@ def setup_train(impl: str, config, overrides, weights, size, batch, seed, device
     return step
 
 
-def train_sides(config, overrides, weights, size, batch, seed, device, peers: List[str]) -> List[Side]:
+def train_sides(config, overrides, weights, size, batch, seed, device, peers: List[str],
+                memory_format: str = "contiguous") -> List[Side]:
     return [Side(impl, functools.partial(setup_train, impl, config, list(overrides), weights, tuple(size),
-                                         batch, seed, device), images=batch) for impl in ["ours"] + peers]
+                                         batch, seed, device, memory_format), images=batch)
+            for impl in ["ours"] + peers]
 
 
 def synthetic_coco(num_images: int, seed: int, per_image: int = 7, categories: int = 80):
@@ -307,7 +343,8 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
         synchronize(device)
         totals.append(time.perf_counter() - start)
     del batches, loader  # stops the workers
-    settings = {"config": config_name, "num_workers": cfg.data.num_workers, "loader_batches_per_time": block,
+    settings = {"config": config_name, "memory_format": "channels_last" if cfg.model.channels_last else "contiguous",
+                "num_workers": cfg.data.num_workers, "loader_batches_per_time": block,
                 "ims_per_batch": cfg.solver.ims_per_batch, "threads": torch.get_num_threads()}
     extra = {"training_s_per_step": statistics.median(totals), "waiting_for_data_s_per_step": statistics.median(waits),
              "waiting_for_data_fraction": sum(waits) / sum(totals)}

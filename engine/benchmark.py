@@ -78,8 +78,13 @@ class Report:
             per_s = f"{r['images_per_s']:.2f}" if "images_per_s" in r else "-"
             lines.append(f"{s.name:14}{r['median_s']:10.3f}{r['min_s']:9.3f}{r['max_s']:9.3f}{mem:>9}{rate:>9}{per_s:>9}")
         if self.ratio():
-            lines.append(f"{self.sides[0].name} is {self.ratio():.2f}x faster than {self.sides[1].name} (ratio of medians)")
-        lines += [f"{key}: {value:.3f}" for key, value in self.extra.items()]
+            lines.append(f"{ratio_phrase(self.sides[0].name, self.sides[1].name, self.ratio())} (ratio of medians)")
+        for key, value in self.extra.items():
+            line = f"{key}: {value:.3f}"
+            if key == "speedup_bound_at_ours_floor":
+                line += f" (at its dense floor alone, {ratio_phrase(self.sides[0].name, self.sides[1].name, value)})"
+            lines.append(line)
+        lines.append(machine_line(machine()))
         return "\n".join(lines)
 
     def write(self, path: str):
@@ -88,12 +93,42 @@ class Report:
             json.dump(self.as_dict(), f, indent=2)
 
 
+def ratio_phrase(ours: str, peer: str, ratio: float) -> str:
+    """`ratio` (peer's time over ours) in words that say which side is faster: below 1 ours is slower."""
+    if f"{ratio:.2f}" == "1.00":
+        return f"{ours} is 1.00x: as fast as {peer}, to two digits"
+    if ratio > 1:
+        return f"{ours} is {ratio:.2f}x faster than {peer}"
+    return f"{ours} is {ratio:.2f}x (slower): {peer} is {1 / ratio:.2f}x faster"
+
+
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it (x86: "model name" in /proc/cpuinfo), else platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> Dict[str, object]:
+    # cpu_capability: the instruction set torch's CPU kernels were dispatched for (AVX2, AVX512, ...);
+    # the same model name can run different kernels, so results name both.
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+            platform.machine(), "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def machine_line(info: Dict[str, object]) -> str:
+    line = (f"machine: {info['cpu_model']} ({info['cpu_capability']}), {info['threads']} threads of "
+            f"{info['cores']} cores, torch {info['torch']}")
+    return line + (f", {info['gpu']}" if "gpu" in info else "")
 
 
 def synchronize(device: torch.device):

@@ -1,10 +1,16 @@
 """Time our detector against torchvision's, side by side: same weights, same images, same settings.
 
     python tools/benchmark.py configs/torchvision/frcnn_r50_fpn.yaml --task infer --vs torchvision --iters 10
+    python tools/benchmark.py configs/torchvision/frcnn_r50_fpn.yaml --task infer --vs torchvision \\
+        --memory-format channels_last --iters 10
     python tools/benchmark.py configs/torchvision/mrcnn_r50_fpn.yaml --task train --vs torchvision \\
         --image-size 512x683 --batch 2 --iters 5
     python tools/benchmark.py configs/frcnn_r50.yaml --task eval --vs pycocotools --num-images 2000
     python tools/benchmark.py configs/demo/mrcnn_shapes.yaml --task data --iters 20   # after make demo
+
+Both sides run in one memory format, --memory-format (contiguous, i.e. NCHW, or channels_last), which
+wins over the config's model.channels_last; without it, the config's (off: contiguous). The table and
+JSON record it, and the machine (CPU model, the instruction set torch's kernels use, threads).
 
 --task data times the training loader alone (seconds per batch, data.num_workers workers), the training
 step alone, and the two together (how long each step waits for its batch): no peer.
@@ -17,7 +23,7 @@ import sys
 
 import torch
 
-from detection.benchmark import data_benchmark, eval_sides, infer_sides, train_sides
+from detection.benchmark import MEMORY_FORMATS, data_benchmark, eval_sides, infer_sides, train_sides
 from engine.benchmark import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
@@ -50,6 +56,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2, help="images per training step")
     parser.add_argument("--num-images", type=int, default=2000, help="eval: images of the synthetic COCO set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default=None,
+                        help="infer/train/data: memory format of both sides' models and batches (default: the "
+                             "config's model.channels_last; off: contiguous, i.e. NCHW)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (CPU)")
     parser.add_argument("--floor", action="store_true",
                         help="infer/train: also time each side's convolutions and matrix products alone (same "
@@ -57,14 +66,21 @@ def main(argv=None):
                              "and the speedup over the peer that ours' floor would allow")
     parser.add_argument("--output", default=None, help="JSON file for the table (default: OUTPUT_DIR/benchmark_TASK.json)")
     args = parser.parse_intermixed_args(argv)
-    cfg = as_config(args.config, args.overrides)
+    if args.task == "eval" and args.memory_format:
+        raise ConfigError("--task eval times COCO evaluation (no model): it takes no --memory-format")
+    overrides = list(args.overrides)
+    if args.memory_format:  # last, so it wins over the config and any model.channels_last override
+        overrides.append(f"model.channels_last={'true' if args.memory_format == 'channels_last' else 'false'}")
+    cfg = as_config(args.config, overrides)
+    memory_format = "channels_last" if cfg.model.channels_last else "contiguous"
     device = resolve_device(cfg.device)
     size = args.image_size or ((800, 1216) if args.task == "infer" else (512, 683))
     # The image is given at the size to measure: both models resize it to itself.
     short, long = min(size), max(size)
-    overrides = list(args.overrides) + [f"input.min_size_test={short}", f"input.max_size_test={long}",
-                                        f"input.min_size_train=[{short}]", f"input.max_size_train={long}"]
-    settings = {"config": args.config, "image_size": f"{size[0]}x{size[1]}", "threads": torch.get_num_threads()}
+    overrides += [f"input.min_size_test={short}", f"input.max_size_test={long}",
+                  f"input.min_size_train=[{short}]", f"input.max_size_train={long}"]
+    settings = {"config": args.config, "image_size": f"{size[0]}x{size[1]}", "memory_format": memory_format,
+                "threads": torch.get_num_threads()}
     peers = {"eval": "pycocotools", "data": None}.get(args.task, "torchvision")
     wrong = [p for p in args.vs if p != peers]
     if wrong:
@@ -76,10 +92,11 @@ def main(argv=None):
         settings = {"num_images": args.num_images, "detections": 14 * args.num_images}
         sides = eval_sides(args.num_images, args.seed, args.vs)
     elif args.task == "infer":
-        sides = infer_sides(args.config, overrides, args.weights, size, args.seed, device, args.vs)
+        sides = infer_sides(args.config, overrides, args.weights, size, args.seed, device, args.vs, memory_format)
     else:
         settings["batch"] = args.batch
-        sides = train_sides(args.config, overrides, args.weights, size, args.batch, args.seed, device, args.vs)
+        sides = train_sides(args.config, overrides, args.weights, size, args.batch, args.seed, device, args.vs,
+                            memory_format)
     if args.task != "data":
         report = compare(args.task, sides, args.iters, args.warmup, device, settings, not args.no_memory,
                          floor=args.floor and args.task != "eval")
