@@ -17,14 +17,15 @@ from engine.data.paths import require_path
 from engine.device import setup_device
 from engine.errors import ConfigError
 from engine.events import MetricsWriter, plot_losses, setup_logging
-from engine.solver import build_optimizer, check_steps
+from engine.solver import build_optimizer, check_steps, solver_summary
 from engine.trainer import FINAL, Trainer, close_run, start_run, flat_metrics, weights_to_evaluate
 
-from .build import build_detector, load_detector_weights
+from .build import build_detector
 from .data.build import build_detection_train_loader
 from .inference import evaluate_detector
 
 logger = logging.getLogger("detection")
+RESUMED = ("model.weights=null", "model.backbone.weights=null")
 
 
 
@@ -59,7 +60,8 @@ def train_detector(cfg, resume: bool = False):
     device = start_run(cfg)
     s = cfg.solver
     check_steps(s, s.max_iter)
-    model = build_detector(cfg).to(device)
+    # Resuming loads every tensor from the checkpoint, so neither initialisation file is opened then.
+    model = build_detector(cfg, RESUMED if resume else ()).to(device)
     # The data pipeline resizes training images (albumentations, in the loader's workers).
     model.preprocessor.resize_in_training = False
     optimizer = build_optimizer(cfg, model)
@@ -73,10 +75,8 @@ def train_detector(cfg, resume: bool = False):
                                           world_size=dist.world_size())
     _fill_categories(cfg, loader.dataset)
     save_config(cfg, out)
-    logger.info("training %s for %d iterations (%d images per batch%s) on %s; %d training images",
-                type(model).__name__, s.max_iter, s.ims_per_batch,
-                f", {s.ims_per_batch // dist.world_size()} in each of {dist.world_size()} processes ({dist.backend()})"
-                if dist.world_size() > 1 else "", device, len(loader.dataset))
+    logger.info("training %s on %d images, device %s: %s", type(model).__name__, len(loader.dataset), device,
+                solver_summary(s, dist.world_size(), f"{s.max_iter} iterations", backend=dist.backend()))
     writer = MetricsWriter(out, resume_from=start_iter if resume else None, enabled=dist.is_main())
     trainer = Trainer(cfg, model, optimizer, iter(loader), detection_step, checkpointer, writer, device,
                       s.max_iter, evaluate=lambda m: _metrics(evaluate_detector(cfg, m, device)))
@@ -102,9 +102,7 @@ def evaluate_only(cfg, weights=None):
     device = setup_device(cfg)
     setup_logging(cfg.output_dir)
     save_config(cfg, cfg.output_dir)
-    model = build_detector(cfg).to(device)
     path = weights_to_evaluate(cfg, weights)
-    if path != cfg.model.weights:  # build_detector has loaded model.weights already
-        load_detector_weights(model, path)
+    model = build_detector(cfg, weights=None if path == cfg.model.weights else path, for_inference=True).to(device)
     logger.info("evaluating %s", path)
     return evaluate_detector(cfg, model, device)

@@ -98,7 +98,8 @@ def test_resume_gives_the_uninterrupted_weights(full_run, shapes, tmp_path, caps
     # Pretend the run died after its checkpoint at iteration 3: point last_checkpoint back at it.
     (out / "last_checkpoint").write_text("model_0000003.pth")
     (out / "model_final.pth").unlink()
-    resumed = train(capsys, cfg, f"output_dir={out}", "--resume")
+    # The checkpoint holds every tensor: resuming opens no initialisation file, even one that is gone.
+    resumed = train(capsys, cfg, f"output_dir={out}", "--resume", f"model.backbone.weights={tmp_path / 'gone.pth'}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (out / "log.txt").read_text()
     got = final_weights(out)
@@ -112,9 +113,60 @@ def test_eval_only_reproduces_the_final_metrics(full_run, capsys):
     root, cfg, _ = full_run
     out = root / "out"
     before = json.loads((out / "metrics.json").read_text())
-    result = train(capsys, cfg, f"output_dir={out}", "--eval-only")
+    # The run's model_final.pth is the whole detector: model.backbone.weights is not opened.
+    result = train(capsys, cfg, f"output_dir={out}", "--eval-only", f"model.backbone.weights={root / 'gone.pth'}")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text()) == before
+
+
+BOX_HEAD_CUT = ["roi_heads.box_head.fc1.weight", "roi_heads.box_head.fc1.bias", "roi_heads.box_head.fc2.weight"]
+
+
+def test_training_from_an_incomplete_detector_warns_and_trains(shapes, tmp_path, capsys):
+    """model.weights initialises training: what the file lacks is named in a warning, and training runs.
+    The detector file covers the backbone, so model.backbone.weights (here a missing file) is not opened."""
+    from backbones.weights import save_weights
+    from detection.build import build_detector
+
+    cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
+    state = build_detector(cfg).state_dict()
+    save_weights(str(tmp_path / "cut.pth"), {k: v for k, v in state.items() if k not in BOX_HEAD_CUT})
+    out = tmp_path / "out"
+    result = train(capsys, cfg, f"output_dir={out}", f"model.weights={tmp_path / 'cut.pth'}",
+                   f"model.backbone.weights={tmp_path / 'gone.pth'}", "solver.max_iter=2", "test.eval_period=0")
+    assert result.returncode == 0, result.stderr
+    assert (f"model.weights={tmp_path / 'cut.pth'} leaves 3 tensors at initialisation for training to learn: 3 not "
+            f"in the file: {', '.join(BOX_HEAD_CUT)}") in (out / "log.txt").read_text()
+    assert (out / "model_final.pth").is_file()
+
+
+def test_missing_backbone_file_says_how_to_make_one(shapes, tmp_path, capsys):
+    """Training from ImageNet weights that are not there: one line naming both ways to make the file; the
+    torchvision command it quotes, run as written (its input file saved where the test can write), makes a
+    file that loads."""
+    import shlex
+    import re
+
+    import torchvision
+
+    from detection.build import build_detector
+
+    cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
+    wanted = tmp_path / "pretrained" / "resnet18.pth"
+    result = train(capsys, cfg, f"output_dir={tmp_path / 'out'}", f"model.backbone.weights={wanted}")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: model.backbone.weights={wanted} not found: ") and "Traceback" not in line
+    commands = re.findall(r"`([^`]*)`", line)
+    assert commands[0] == "python tools/train_cls.py configs/cls_r18.yaml" and (REPO / "configs/cls_r18.yaml").is_file()
+    *tool, source, target = shlex.split(commands[1])
+    assert tool == ["python", "tools/convert_weights.py", "--from", "torchvision"] and target == str(wanted)
+    assert "torchvision.models.resnet18(weights='IMAGENET1K_V1').state_dict()" in line
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / source)
+    assert run_tool(capsys, "convert_weights.py", *tool[2:], tmp_path / source, target).returncode == 0
+    model = build_detector(cfg, [f"model.backbone.weights={wanted}"])
+    converted = torch.load(wanted, weights_only=True)["model"]
+    assert torch.equal(model.backbone.bottom_up.state_dict()["res5.1.conv2.weight"], converted["res5.1.conv2.weight"])
 
 
 def test_nan_loss_stops_with_a_message(shapes, tmp_path, capsys):
@@ -137,6 +189,30 @@ def test_missing_dataset_is_one_clear_error(shapes, tmp_path, capsys, monkeypatc
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'no_datasets'}/coco/annotations/instances_train2017.json" in result.stderr
     assert "data.train.ann_file" in result.stderr
+
+
+def test_short_run_of_a_shipped_config(shapes, tmp_path, capsys):
+    """configs/frcnn_r50.yaml (its 1x schedule: 16 images on 8 processes, lr steps at 60k and 80k) with
+    `solver.max_iter=3`, on small data and a small model: 3 iterations of 2 images on one process. The lr
+    steps, 8x later on one process, lie past the end: dropped, with one warning on the console; the
+    console also states the batch, lr and length the run uses."""
+    small = yaml.safe_load(write_cfg(shapes, tmp_path / "tiny.yaml").read_text())
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**{k: v for k, v in small.items() if k not in ("solver", "test")},
+                                   "_base_": str(REPO / "configs/frcnn_r50.yaml")}))
+    out = tmp_path / "out"
+    result = train(capsys, cfg, f"output_dir={out}", "solver.max_iter=3", "model.backbone.weights=null")
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "WARNING" in line and "solver.steps" in line]
+    assert len(warned) == 1 and "iterations [480000, 640000] are at or past the end of this run (3 iterations)" \
+        in warned[0]
+    # lr 0.02 x 2 / 16 (linear scaling rule); the warm-up, scaled like the steps, outlasts the run
+    assert "2 images per batch (1 process), lr 0.0025 after 8000 warm-up iterations, 3 iterations, no lr steps" \
+        in result.stderr
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r][-1] == 2
+    ran = yaml.safe_load((out / "config.yaml").read_text())["solver"]
+    assert (ran["ims_per_batch"], ran["max_iter"], ran["steps"], ran["reference_world_size"]) == (2, 3, [], 1)
 
 
 @pytest.mark.slow
