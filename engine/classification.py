@@ -247,7 +247,8 @@ def evaluate_only(cfg, weights=None) -> dict:
     val_set = ImageFolder(cfg.data.val.root, cls_transform(cfg, False), class_names=classes,
                           skip_bad_images=cfg.data.skip_bad_images)
     check_num_classes(cfg, val_set.classes, cfg.data.val.root)
-    model = build_resnet(cfg, cfg.model.num_classes).to(device)
+    # The file to evaluate is the whole classifier: model.backbone.weights is not opened.
+    model = build_resnet(cfg, cfg.model.num_classes, init_weights=False).to(device)
     report = load_state_dict(model, read_eval_weights(path, cfg.solver.ema), source=path)
     if report.missing:
         raise CheckpointError(f"{path} lacks {len(report.missing)} of the model's tensors "

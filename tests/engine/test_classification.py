@@ -139,7 +139,9 @@ def test_eval_only_reproduces_the_final_metrics(ema_run, tmp_path):
     cfg, metrics = ema_run
     out = Path(cfg.output_dir)
     # The run's model_final.pth (its EMA weights, as solver.ema is on), into a fresh output folder.
-    eval_cfg = load_config(out / "config.yaml", [f"output_dir={tmp_path}", f"model.weights={out / 'model_final.pth'}"])
+    # The backbone's initialisation file is not needed to evaluate a whole classifier.
+    eval_cfg = load_config(out / "config.yaml", [f"output_dir={tmp_path}", f"model.weights={out / 'model_final.pth'}",
+                                                 f"model.backbone.weights={tmp_path / 'absent.pth'}"])
     assert evaluate_only(eval_cfg) == metrics
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     # backbone.pth (a bare set of weights, already the EMA) evaluates the same.
