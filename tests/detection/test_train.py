@@ -87,6 +87,7 @@ def test_training_writes_every_output(full_run):
     assert saved["solver"]["max_iter"] == 6 and saved["output_dir"] == str(out)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(full_run, shapes, tmp_path, capsys):
     root, cfg, _ = full_run
     out = tmp_path / "out"
@@ -243,6 +244,7 @@ def test_overfits_real_coco_images(shared_data, tmp_path, capsys):
     assert json.loads((tmp_path / "out/metrics.json").read_text())["bbox"]["AP"] > 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_current_iteration_and_resume_continues(shapes, tmp_path, signum, capsys):
     cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
@@ -272,6 +274,7 @@ def test_signal_saves_the_current_iteration_and_resume_continues(shapes, tmp_pat
     assert (out / "model_final.pth").is_file()
 
 
+@pytest.mark.slow
 def test_a_dead_loader_worker_ends_the_run_with_a_message(shapes, tmp_path):
     cfg = write_cfg(shapes, tmp_path / "cfg.yaml")
     out = tmp_path / "out"

@@ -92,6 +92,7 @@ def test_compare_alternates_and_reports():
     assert "ours is 2.50x faster than peer" in fast.table()
 
 
+@pytest.mark.slow
 def test_benchmark_tool_writes_its_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # Without --memory-format, the config's model.channels_last decides, for both sides, and is recorded.

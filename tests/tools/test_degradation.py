@@ -38,6 +38,7 @@ def write_cifar_batch(path, n, seed, protocol=pickle.HIGHEST_PROTOCOL):
     return batch
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_figure_and_json(tmp_path):
     result = run_tool("--depths", "8", "14", "--epochs", "1", "--limit", "64", "--batch-size", "16",
                       "--device", "cpu", "--output", tmp_path)

@@ -62,6 +62,7 @@ def assert_empty(outputs):
     assert labels.dtype == torch.int64 and boxes.dtype == scores.dtype == masks.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_onnx_file_gives_eager_detections_at_every_size(model, images, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install onnx onnxruntime")
     pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
@@ -79,6 +80,7 @@ def test_onnx_file_gives_eager_detections_at_every_size(model, images, tmp_path)
     assert_empty(load(str(path), "onnx")(torch.zeros(3, 64, 96, dtype=torch.uint8) + 128))
 
 
+@pytest.mark.slow
 def test_tool_writes_faster_rcnn_torchscript_that_gives_eager_detections(tmp_path, capsys):
     """The whole tool on a Faster R-CNN checkpoint (no masks: three outputs), recorded on the first image."""
     model = small_detector("frcnn_r50")
@@ -102,6 +104,7 @@ def test_tool_writes_faster_rcnn_torchscript_that_gives_eager_detections(tmp_pat
     assert [tuple(o.shape) for o in outputs] == [(0, 4), (0,), (0,)]
 
 
+@pytest.mark.slow
 def test_mask_rcnn_torchscript_recorded_without_detections_on_float_images(model, images, tmp_path):
     floats = [(name, image.float() / 255) for name, image in images]
     export(model, str(tmp_path / "m.pt"), "torchscript", floats[0][1])

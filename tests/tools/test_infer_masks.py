@@ -153,6 +153,7 @@ def test_infer_files_writes_and_draws_masks(shapes, tmp_path, monkeypatch):
     assert (drawn[inside] != image[inside]).any(axis=-1).mean() > 0.5  # the mask is tinted
 
 
+@pytest.mark.slow
 def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path, capsys):
     root, ann = shapes
     cfg = {"_base_": str(REPO / "configs/_base_/models/faster_rcnn_fpn.yaml"),

@@ -52,6 +52,7 @@ def test_convert_weights_cli_bad_file(tmp_path, capsys):
     assert result.returncode == 2 and "bad.pth" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_pipeline_on_a_tiny_run(tmp_path, capsys):
     """`make demo` end to end, shortened: data, training, evaluation, drawings, loss curve, the table."""
     result = run_tool(capsys, "demo.py", "--output", tmp_path, "--train-images", "16", "--val-images", "4",

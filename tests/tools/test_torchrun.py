@@ -25,6 +25,9 @@ from detection.data.synthetic import make_coco_split, make_crops
 from tests.conftest import REPO, run_tool
 from tests.detection.test_train import write_cfg
 
+# Every test here starts processes and trains: end-to-end runs, outside the fast subset.
+pytestmark = pytest.mark.slow
+
 # One thread per process, in the distributed and the single-process runs alike, so that they compute
 # the same floating-point sums (the thread count changes how oneDNN splits them). Set here, not left to
 # torchrun: it sets 1 only when it starts several processes, so a node's single process would take every core.
