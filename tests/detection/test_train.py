@@ -192,17 +192,20 @@ def test_missing_dataset_is_one_clear_error(shapes, tmp_path, capsys, monkeypatc
     assert "data.train.ann_file" in result.stderr
 
 
-def test_short_run_of_a_shipped_config(shapes, tmp_path, capsys):
+@pytest.mark.parametrize("batch", [(), ("solver.ims_per_batch=2",)], ids=["scaled", "given"])
+def test_short_run_of_a_shipped_config(shapes, tmp_path, capsys, batch):
     """configs/frcnn_r50.yaml (its 1x schedule: 16 images on 8 processes, lr steps at 60k and 80k) with
-    `solver.max_iter=3`, on small data and a small model: 3 iterations of 2 images on one process. The lr
-    steps, 8x later on one process, lie past the end: dropped, with one warning on the console; the
-    console also states the batch, lr and length the run uses."""
+    `solver.max_iter=3`, on small data and a small model: 3 iterations of 2 images on one process, whether
+    the batch of 2 comes from the 8-process config run on 1 process or from `solver.ims_per_batch=2` on
+    the command line (which used to stop: "not divisible by solver.reference_world_size=8"). The lr
+    steps, 8x later with an 8x smaller batch, lie past the end: dropped, with one warning on the console;
+    the console also states the batch, lr and length the run uses."""
     small = yaml.safe_load(write_cfg(shapes, tmp_path / "tiny.yaml").read_text())
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({**{k: v for k, v in small.items() if k not in ("solver", "test")},
                                    "_base_": str(REPO / "configs/frcnn_r50.yaml")}))
     out = tmp_path / "out"
-    result = train(capsys, cfg, f"output_dir={out}", "solver.max_iter=3", "model.backbone.weights=null")
+    result = train(capsys, cfg, f"output_dir={out}", "solver.max_iter=3", "model.backbone.weights=null", *batch)
     assert result.returncode == 0, result.stderr
     warned = [line for line in result.stderr.splitlines() if "WARNING" in line and "solver.steps" in line]
     assert len(warned) == 1 and "iterations [480000, 640000] are at or past the end of this run (3 iterations)" \

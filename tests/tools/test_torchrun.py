@@ -268,9 +268,13 @@ def test_sigterm_stops_every_process_at_the_same_iteration(det_cfg, tmp_path):
     proc = torchrun("train_det.py", det_cfg, f"output_dir={out}", "solver.max_iter=500", "solver.checkpoint_period=0",
                     "test.eval_period=0", "solver.log_period=1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
-    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # one rank only: the other must stop with it
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # one rank only: the other must stop with it
+        _, stderr = proc.communicate(timeout=300)
+    finally:  # a failed wait or a timeout leaves no training processes behind
+        if proc.poll() is None:
+            kill_with_workers(proc)
     stops = sorted(line for line in stderr.splitlines() if line.startswith("stopped: "))
     assert len(stops) == 2, stderr
     done = {int(line.split(" at iteration ")[1].split()[0]) for line in stops}
@@ -284,9 +288,13 @@ def test_a_process_that_dies_ends_the_run_with_a_message(det_cfg, tmp_path):
     out = tmp_path / "out"
     proc = torchrun("train_det.py", det_cfg, f"output_dir={out}", "solver.max_iter=500", "solver.checkpoint_period=2",
                     "test.eval_period=0", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for((out / "last_checkpoint").is_file, proc)
-    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        wait_for((out / "last_checkpoint").is_file, proc)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_with_workers(proc)
     assert proc.returncode != 0
     assert "error: rank 0: iteration" in stderr and "another process of the distributed run stopped answering" \
         in stderr, stderr
