@@ -58,6 +58,9 @@ def test_top_down_pathway_uses_nearest_upsampling():
         p5 = model.lateral_convs[3](f["res5"])
         expected_p4 = model.lateral_convs[2](f["res4"]) + p5.repeat_interleave(2, -1).repeat_interleave(2, -2)
         out = model(x)
+    # A dirac 3x3 kernel multiplies by 1 and adds zeros, exact in a direct convolution; a Winograd or other
+    # transformed algorithm (oneDNN's choice per CPU) would round by a few u of values up to ~7. allclose's
+    # rtol 1e-5 (~170 u) holds that; measured: exact.
     assert torch.allclose(out["3"], p5, atol=1e-6)
     assert torch.allclose(out["2"], expected_p4, atol=1e-5)
 
@@ -108,4 +111,4 @@ def test_p6p7_from_p5_when_widths_match():
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         out = model(x)
-        assert torch.allclose(out["p6"], model.top_block.p6(out["2"]))
+        assert torch.allclose(out["p6"], model.top_block.p6(out["2"]))  # the same conv on the same P5: bitwise

@@ -22,11 +22,13 @@ def test_torchvision_conversion_gives_same_logits(name):
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         expected, got = tv(x), ours(x)
+    # Our ResNet folds the norms into the convolutions and sums in its own order through up to 50 layers (sums
+    # of up to 3 x 3 x 512 products): measured at most 9e-7 of the largest logit; 1e-5 of it is ten times that.
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     # And back: torchvision loads our state dict strictly and gives the same logits.
     back = getattr(torchvision.models, name)()
     back.load_state_dict(to_torchvision_resnet(ours.state_dict()), strict=True)
-    with torch.no_grad():
+    with torch.no_grad():  # torchvision's own code on bit-identical weights and input: bitwise
         assert torch.equal(back.eval()(x), expected)
 
 

@@ -71,6 +71,8 @@ def test_through_batched_box_iou_and_pad_boxes():
     gts = [random_boxes(4, 7), random_boxes(0, 8), random_boxes(7, 9)]
     gt, valid = pad_boxes(gts)
     assert gt.shape == (3, 7, 4) and valid.sum(1).tolist() == [4, 0, 7]
+    # vmap runs box_iou's own elementwise ops (+, -, *, /, min, max: correctly rounded at every SIMD width),
+    # so the IoUs, and the labels compared bitwise below, are torchvision's on every CPU
     iou = batched_box_iou(gt, preds.expand(3, -1, -1))
     matched, labels = Matcher((0.3, 0.7), True)(iou, valid)
     tv = TVMatcher(0.7, 0.3, True)

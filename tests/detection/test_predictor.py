@@ -39,7 +39,8 @@ def test_returns_boxes_scores_labels_in_image_pixels(predictor):
     assert all(v.device.type == "cpu" for v in out.values())
     assert out["labels"].min() >= 1 and out["labels"].max() <= 4
     assert (out["scores"][:-1] >= out["scores"][1:]).all()
-    # In the array's pixels (72 x 120), not the resized 96 x 160.
+    # In the array's pixels (72 x 120), not the resized 96 x 160, up to the float32 rounding of the scale
+    # ratio times ~120 px (1e-5 px): 1e-3 px.
     assert out["boxes"][:, 0::2].max() <= 120 + 1e-3 and out["boxes"][:, 1::2].max() <= 72 + 1e-3
 
 
@@ -48,7 +49,7 @@ def test_equals_the_model_on_the_same_image(predictor):
     out = predictor(image)
     with torch.no_grad():
         expected = predictor.model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
-    for key in out:
+    for key in out:  # the same model on the same float pixels in one process: the same bits
         torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
 
 
@@ -57,7 +58,7 @@ def test_non_contiguous_array(predictor):
     flipped = image[:, ::-1]  # a negative-stride view, as from cv2 BGR->RGB slicing
     out = predictor(flipped)
     expected = predictor(np.ascontiguousarray(flipped))
-    for key in out:
+    for key in out:  # the predictor copies the pixels into one layout first: bitwise
         assert torch.equal(out[key], expected[key])
 
 
@@ -69,7 +70,7 @@ def test_weights_are_loaded(tmp_path):
     loaded = Predictor(Config.from_dict(CFG), weights=str(tmp_path / "det.pth"))
     image = _image(seed=3)
     a, b = source(image), loaded(image)
-    for key in a:
+    for key in a:  # the same weights, bit for bit, through the same code: bitwise
         assert torch.equal(a[key], b[key])
 
 

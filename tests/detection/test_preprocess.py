@@ -28,6 +28,11 @@ def theirs(min_size=200, max_size=320, mean=MEAN, std=STD):
     return GeneralizedRCNNTransform(min_size, max_size, mean, std, size_divisible=32).eval()
 
 
+# The equalities with torchvision's GeneralizedRCNNTransform are bitwise on purpose: both normalise with the
+# same tensor ops and resize with the same F.interpolate call on the same shapes, in one process, so every
+# pixel takes the same kernel path whatever the CPU or thread count.
+
+
 def test_eval_output_equals_torchvision():
     imgs = images()
     batch, targets, original = ours()(imgs)
@@ -93,7 +98,7 @@ def test_bgr_255_detectron2_style():
     assert torch.equal(batch.tensor, expected.tensors)
     # Without the flip the red and blue channels would differ.
     unflipped, _ = theirs(mean=D2_MEAN, std=D2_STD)([img * 255 for img in imgs])
-    assert not torch.allclose(batch.tensor, unflipped.tensors, atol=1e-2)
+    assert not torch.allclose(batch.tensor, unflipped.tensors, atol=1e-2)  # they differ by whole levels
 
 
 def test_padding_is_zero_after_normalisation():
@@ -116,7 +121,8 @@ def test_postprocess_maps_boxes_back_like_torchvision():
     for a, b, d in zip(mapped, expected, dets):
         assert torch.equal(a["boxes"], b["boxes"])
         assert torch.equal(a["scores"], d["scores"]) and torch.equal(a["labels"], d["labels"])
-    # 180 x 270 was resized to 200 x 300: boxes shrink by 0.9 on both axes.
+    # 180 x 270 was resized to 200 x 300: boxes shrink by 0.9 on both axes (float32 180 / 200 against the
+    # literal 0.9: an ulp at most, within the float32 default).
     torch.testing.assert_close(mapped[0]["boxes"], dets[0]["boxes"] * 0.9)
 
 
@@ -183,6 +189,6 @@ def test_training_without_model_resize_keeps_sizes_and_boxes():
     batch, targets, _ = pre(images, [{"boxes": boxes, "labels": torch.tensor([1])}] * 2)
     assert batch.image_sizes == [(50, 70), (61, 40)] and batch.tensor.shape == (2, 3, 64, 96)
     assert torch.equal(targets[0]["boxes"], boxes)
-    torch.testing.assert_close(batch.tensor[1, :, :61, :40], (images[1] - 0.5) / 0.25)
+    torch.testing.assert_close(batch.tensor[1, :, :61, :40], (images[1] - 0.5) / 0.25)  # the same two float32 ops
     pre.eval()  # evaluation still resizes, to min_size_test
     assert pre(images)[0].image_sizes[0] != (50, 70)

@@ -53,6 +53,8 @@ def test_polygons_rasterise_to_the_stored_area_and_box(shapes):
             assert ann["iscrowd"] == 0 and ann["segmentation"]
             assert all(len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"])
             rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], HEIGHT, WIDTH))
+            # pycocotools' polygon rasteriser may gain or lose a boundary pixel (integer geometry, no float
+            # drift): 2% of the area, one pixel of the box.
             assert abs(int(mask_utils.area(rle)) - ann["area"]) <= 0.02 * ann["area"]
             np.testing.assert_allclose(mask_utils.toBbox(rle), ann["bbox"], atol=1)
             assert ann["area"] >= 40

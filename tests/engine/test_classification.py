@@ -174,8 +174,10 @@ def test_label_smoothing_reaches_the_loss():
     images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1])
     logits = model(images)
     smoothed = classification_step(model, (images, labels), label_smoothing=0.2)["loss_cls"]
+    # The same linear layer and loss on the same inputs in one process: the same bits; the float32 default
+    # (1.3e-6 relative) leaves room for rounding only.
     torch.testing.assert_close(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.2))
-    assert not torch.allclose(smoothed, classification_step(model, (images, labels))["loss_cls"])
+    assert not torch.allclose(smoothed, classification_step(model, (images, labels))["loss_cls"])  # 5e-3 apart
 
 
 def _toy_batches():
@@ -202,6 +204,7 @@ def test_linear_lr_scaling_rule(tmp_path, caplog):
         trainer = _toy_trainer(tmp_path, ims_per_batch=64, reference_batch_size=256, steps=[2])
     assert "learning rate 0.025 = solver.base_lr 0.1 x ims_per_batch 64 / reference_batch_size 256" in caplog.text
     trainer.train()
+    # float64 products (base_lr x scale x gamma) in another order than the literals: an ulp (1e-16) apart.
     assert [h["lr"] for h in trainer.writer.history] == pytest.approx([0.025, 0.025, 0.0025, 0.0025])
     assert _toy_trainer(tmp_path / "off", ims_per_batch=64).lr_scale == 1.0  # 0: base_lr as given
     with pytest.raises(ConfigError, match="'solver.reference_batch_size' must be at least 0, got -1"):
@@ -223,6 +226,7 @@ def test_ema_averages_weights_copies_buffers_and_is_checkpointed(tmp_path):
     with torch.no_grad():
         model[2].weight.add_(1.0)
     ema.update(model)
+    # lerp_ rounds in its own order: a few u of weights of size ~1, within the float32 default (1.3e-6 relative).
     torch.testing.assert_close(avg[2].weight, 0.75 * old + 0.25 * model[2].weight)
     # Saved with the checkpoint and restored by Trainer.restore.
     path = trainer.save("model_0000004.pth", 4)
@@ -284,6 +288,8 @@ def test_num_classes_must_match_folders(crops, tmp_path):
 def test_lr_schedules():
     cfg = Config.from_dict({"solver": {"base_lr": 0.1, "steps": [10, 20], "warmup_iters": 5,
                                        "warmup_factor": 0.2}}).solver
+    # Python floats: the schedule and the literals round differently by an ulp (1e-17 here); approx's
+    # default (1e-6 relative, 1e-12 absolute for 0) only absorbs that.
     assert lr_at(cfg, 0, 30) == pytest.approx(0.1 * 0.2)
     assert lr_at(cfg, 4, 30) == pytest.approx(0.1 * (0.2 * 0.2 + 0.8))  # linear from 0.2 to 1 over 5 iterations
     assert lr_at(cfg, 9, 30) == pytest.approx(0.1)
@@ -352,7 +358,7 @@ def test_imagenet_configs(name, monkeypatch):
     s = cfg.solver
     assert (s.optimizer, s.momentum, s.weight_decay, s.epochs, s.steps, s.gamma) == ("SGD", 0.9, 1e-4, 90,
                                                                                      [30, 60, 80], 0.1)
-    assert s.base_lr * s.ims_per_batch / s.reference_batch_size == pytest.approx(0.1)
+    assert s.base_lr * s.ims_per_batch / s.reference_batch_size == pytest.approx(0.1)  # float64: up to an ulp
     assert cfg.output_dir == f"output/{name[:-5]}"
     # RandomResizedCrop 224 (8-100% of the area) + flip; resize 256 + centre crop 224.
     train = cls_transform(cfg, True).transforms

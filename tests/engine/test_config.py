@@ -23,7 +23,7 @@ def test_defaults_load():
     assert cfg.model.backbone.dilation == [False, False, False]
     assert cfg.model.fpn.norm == ""
     assert cfg.input.min_size_train == [800]
-    assert cfg.solver.weight_decay == pytest.approx(1e-4)
+    assert cfg.solver.weight_decay == pytest.approx(1e-4)  # the schema's float literal: no arithmetic, exact
     assert cfg.solver.steps == []
     assert cfg.data.train.ann_file is None
     assert cfg.output_dir == "output/default"

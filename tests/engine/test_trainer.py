@@ -70,8 +70,10 @@ def test_resume_continues_exactly(tmp_path):
         next(data)  # the batches the first part consumed
     resumed.data = data
     resumed.train(start_iter=4)
+    # Bitwise: the same code on the same batches from the same weights and momentum, in one process with
+    # one thread count, so nothing may differ at all.
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_rng_states_are_restored(tmp_path):
@@ -143,7 +145,9 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)])
-    assert 0 < step.norm() <= 0.1 * 1e-3 * 1.0001  # lr x clipped gradient norm
+    # lr x clipped gradient norm, up to the float32 rounding of the update and of its norm (a few u): 1e-4
+    # relative is ample (clip_grad_norm_'s max_norm / (norm + 1e-6) only makes the step smaller).
+    assert 0 < step.norm() <= 0.1 * 1e-3 * 1.0001
 
 
 def test_bfloat16_autocast_on_cpu(tmp_path):

@@ -376,6 +376,7 @@ def test_cmyk_jpeg_matches_pils_conversion(tmp_path):
     reference = np.asarray(Image.open(path).convert("RGB")).astype(int)
     image = read_image(path)
     assert image.shape == (8, 16, 3)
+    # PIL and OpenCV each bring their own libjpeg build and CMYK -> RGB rounding: a few levels apart.
     assert np.abs(image.astype(int) - reference).max() <= 3
     assert np.abs(image[4, 2].astype(int) - (225, 112, 0)).max() <= 3  # C0 M128 Y255 K30: orange
 
@@ -393,6 +394,8 @@ def test_exif_rotated_jpeg_is_upright_and_fits_upright_coco_annotations(tmp_path
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "turned.jpg").write_bytes(_exif_jpeg(_quadrants(), orientation))
     upright = rotate(_quadrants())  # 64x32 (HxW) as viewers show it
+    # JPEG's 4:2:0 chroma and quantisation smear the colour edges: mean 3.7 levels at quality 98 (other
+    # libjpeg builds round their IDCT a level differently); a wrong rotation is off by ~100.
     assert np.abs(read_image(tmp_path / "img" / "turned.jpg").astype(int) - upright).mean() < 8
     # The red quadrant's box, in the upright frame the annotation file uses.
     red = np.argwhere((upright == (255, 0, 0)).all(axis=2))
@@ -402,6 +405,8 @@ def test_exif_rotated_jpeg_is_upright_and_fits_upright_coco_annotations(tmp_path
     assert tuple(image.shape) == (3, 64, 32) and target["orig_size"] == (64, 32)
     bx0, by0, bx1, by1 = (int(v) for v in target["boxes"][0])
     inside = image[:, by0 + 2:by1 - 2, bx0 + 2:bx1 - 2].float().mean(dim=(1, 2))
+    # The flat interior decodes to within a few levels (254, 0, 0 here; libjpeg builds differ by a level or
+    # two); a misplaced box would see another quadrant, 255 levels away in some channel.
     assert torch.allclose(inside, torch.tensor([255.0, 0.0, 0.0]), atol=12)
 
 
@@ -438,6 +443,7 @@ def test_unusual_files_in_both_data_sets_come_out_as_rgb(tmp_path):
         (tmp_path / "cls" / name.split(".")[0] / name).write_bytes(data)
     ann, img = _coco(tmp_path, list(files), [(8, 8)] * len(files))
     coco = CocoDetection(ann, img)
+    # < 3 levels: the JPEG quantises its flat colour by a level or two; the PNGs (16-bit / 257) are exact.
     for i, name in enumerate(files):
         image, _ = coco[i]
         assert tuple(image.shape) == (3, 8, 8)

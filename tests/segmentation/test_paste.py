@@ -21,13 +21,19 @@ def test_equals_torchvision_paste(n, height, width, mask_size):
     theirs = paste_masks_in_image(masks, boxes, (height, width))
     ours = paste_masks(masks, boxes, (height, width))
     assert ours.shape == theirs.shape == (n, 1, height, width)
+    # Our interpolation matrices and torchvision's F.interpolate compute each pixel's source position (0 to
+    # M + 2 = 30 cells) in other float32 orders: a few ulps of 30 (2**-19 = 1.9e-6), which move a bilinear
+    # value by as much times the neighbouring cells' difference (< 1). Measured 4.4e-6; 1e-5 is five ulps.
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # A pixel within that 1e-5 of 0.5 may land on either side of the threshold: at most 1e-5 of them.
     assert ((ours >= 0.5) == (theirs >= 0.5)).float().mean() > 0.99999
 
 
 def test_chunks_give_the_same_pixels():
     masks, boxes = _random(40, 90, 130, seed=3)
     one = paste_masks(masks, boxes, (90, 130), chunk=1)
+    # Other chunks are matrix products of other shapes, which the BLAS may block or fuse (FMA) differently;
+    # each pixel has 2 x 2 non-zero taps, so a few u of values <= 1: 1e-6 is 16 u.
     for chunk in (7, 40, 100):
         torch.testing.assert_close(paste_masks(masks, boxes, (90, 130), chunk=chunk), one, rtol=0, atol=1e-6)
 

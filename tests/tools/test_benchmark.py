@@ -20,6 +20,9 @@ def test_both_sides_compute_the_same_detections():
     ours = setup_infer("ours", CONFIG, SMALL, None, (128, 160), 0, cpu)()[0]
     theirs = setup_infer("torchvision", CONFIG, SMALL, None, (128, 160), 0, cpu)()[0]
     assert len(ours["boxes"]) == len(theirs["boxes"]) > 0  # test.score_thresh=0 without weights: a full load
+    # Ours folds FrozenBN into the convolutions and sums in its own order: float32 rounding through R50-FPN
+    # moves boxes of up to 160 px by ~1e-4 px (measured up to 7e-4); rtol 1e-4 and 1e-2 px are far below a
+    # misplaced box.
     torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-4, atol=1e-2)
 
 
@@ -107,7 +110,7 @@ def test_benchmark_tool_writes_its_table(tmp_path, capsys):
     assert [s["name"] for s in table["sides"]] == ["ours", "torchvision"]
     assert table["settings"]["image_size"] == "128x160" and table["speedup"] > 0
     assert all(s["gflop"] > 1 for s in table["sides"])  # R50-FPN at 128x160: a few GFLOPs each
-    assert all(s["images_per_s"] == pytest.approx(1 / s["median_s"]) for s in table["sides"])
+    assert all(s["images_per_s"] == pytest.approx(1 / s["median_s"]) for s in table["sides"])  # float64: an ulp
 
 
 def test_eval_benchmark_checks_identical_numbers_first(tmp_path, capsys):

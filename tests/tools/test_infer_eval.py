@@ -49,6 +49,7 @@ def test_eval_det_weights_matches_pycocotools(small_setup, capsys):
     assert dets and {d["category_id"] for d in dets} <= {1, 2, 3}
     ev = COCOeval(gt, gt.loadRes(dets), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
+    # eval_det runs this pycocotools code on these detections: equal but for float64 ulps of the percent
     assert metrics["bbox"]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
     assert (root / "out" / "config.yaml").is_file()
 

@@ -108,6 +108,8 @@ def test_evaluate_detector_scores_boxes_and_masks_like_pycocotools(shapes, tmp_p
         dets = results if iou_type == "bbox" else [{k: v for k, v in r.items() if k != "bbox"} for r in results]
         ev = COCOeval(gt, gt.loadRes(dets), iou_type)
         ev.evaluate(), ev.accumulate(), ev.summarize()
+        # The evaluator runs this pycocotools code on these detections in this process: equal but for the
+        # float64 ulps of the percent (x 100); 1e-9 / 1e-12 only absorb those.
         assert metrics[iou_type]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
         assert reports[iou_type].stats == pytest.approx(list(ev.stats), abs=1e-12)
         assert (tmp_path / "eval" / f"summary_{iou_type}.txt").is_file()
@@ -180,7 +182,7 @@ def test_mask_rcnn_infer_and_eval_end_to_end(shapes, tmp_path, capsys):
     assert dets and all(d["segmentation"]["size"] == [96, 128] for d in dets)
     ev = COCOeval(gt, gt.loadRes([{k: v for k, v in d.items() if k != "bbox"} for d in dets]), "segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
-    assert metrics["segm"]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)
+    assert metrics["segm"]["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-9)  # the same pycocotools run
 
     image = sorted((root / "val").glob("*.png"))[0]
     result = run_tool(capsys, "infer.py", tmp_path / "cfg.yaml", "--weights", tmp_path / "w.pth", "--input", image,

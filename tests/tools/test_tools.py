@@ -12,7 +12,9 @@ def test_model_stats_resnet50_matches_paper(capsys):
     assert result.returncode == 0, result.stderr
     total = [l for l in result.stdout.splitlines() if l.startswith("total")][0].split()
     assert total[1] == "25,557,032"
-    assert float(total[3]) == pytest.approx(3.8, rel=0.1)  # Table 1: 3.8 x 10^9 multiply-adds
+    # Table 1: 3.8 x 10^9 multiply-adds. Our exact count is 4.09 G: the stride in the 3x3 (torchvision's)
+    # costs 6% over the paper's stride in the 1x1, and the paper rounds to 0.1 G; 10% covers both.
+    assert float(total[3]) == pytest.approx(3.8, rel=0.1)
 
 
 def test_model_stats_config_and_fpn_rows(capsys):
@@ -42,7 +44,9 @@ def test_convert_weights_cli(tmp_path, capsys):
     assert not report.missing and not report.unexpected
     x = torch.randn(1, 3, 96, 96)
     from backbones.norms import unfolded_norms
-    with torch.no_grad(), unfolded_norms():  # torchvision's arithmetic: BN after the convolution
+    # torchvision's arithmetic: BN after the convolution, the same kernels (measured: the same bits); 1e-5
+    # leaves room for rounding through 34 layers, none for a wrong mapping
+    with torch.no_grad(), unfolded_norms():
         assert torch.allclose(ours(x), tv(x), rtol=1e-5, atol=1e-5)
 
 

@@ -46,7 +46,7 @@ def test_cli_trains_with_the_options(cli_run):
     assert "learning rate 0.005 = solver.base_lr 0.01 x ims_per_batch 8 / reference_batch_size 16" in \
         (out / "log.txt").read_text()
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["lr"] for l in lines if "loss" in l] == pytest.approx([0.005] * 3)
+    assert [l["lr"] for l in lines if "loss" in l] == pytest.approx([0.005] * 3)  # float64 products: an ulp
     saved = load_config(out / "config.yaml").solver
     assert (saved.label_smoothing, saved.reference_batch_size) == (0.1, 16)
 
@@ -84,6 +84,8 @@ def test_backbone_converts_to_torchvision(cli_run, capsys, tmp_path):
     report = load_state_dict(ours, read_weights(str(out / "backbone.pth")))
     assert not report.missing and not report.unexpected
     x = torch.randn(2, 3, 64, 64)
+    # Ours folds BN into the convolutions, torchvision applies it after: float32 rounding through 18 layers,
+    # measured at most 1.6e-6 on logits of size ~1 (the default code path); 1e-5 is six times that.
     with torch.no_grad():
         torch.testing.assert_close(tv.eval()(x), ours.eval()(x), rtol=0, atol=1e-5)
 
@@ -106,6 +108,6 @@ def test_short_run_of_a_shipped_config_with_the_batch_given(cli_run, capsys, tmp
     # 24 training images: 3 iterations of 8 per epoch
     assert "8 images per batch (1 process), lr 0.003125, 2 epochs of 3 iterations, no lr steps" in result.stderr
     lrs = [json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if "loss" in l]
-    assert lrs == pytest.approx([0.003125] * len(lrs)) and len(lrs) >= 2
+    assert lrs == pytest.approx([0.003125] * len(lrs)) and len(lrs) >= 2  # float64 0.1 x 8 / 256: an ulp
     ran = load_config(out / "config.yaml").solver
     assert (ran.ims_per_batch, ran.epochs, ran.steps, ran.reference_world_size) == (8, 2, [], 1)

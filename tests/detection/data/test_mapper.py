@@ -24,6 +24,8 @@ def test_resize_equals_the_models_resize(size, max_size, shape):
     model_sized = pre.resize(torch.rand(3, *shape))
     assert image.shape == (*model_sized.shape[-2:], 3) and image.dtype == np.uint8
     expected = scale_boxes(torch.from_numpy(boxes), shape, image.shape[:2])
+    # albumentations divides by the old size and multiplies by the new one, scale_boxes multiplies by the
+    # ratio: a few float32 roundings of coordinates up to 1333 px, inside the default 1.3e-6 relative.
     torch.testing.assert_close(torch.from_numpy(out_boxes), expected)
     assert out_boxes.dtype == np.float32 and labels.dtype == np.int64 and labels.tolist() == [1, 2]
 
@@ -47,6 +49,7 @@ def test_training_sizes_come_from_min_size_train_and_flip_mirrors_boxes():
         h, w = image.shape[:2]
         shorter.add(h)
         s = h / 50
+        # float32 boxes against float64 arithmetic: an ulp or two (1e-7 relative); 1e-5 leaves room
         np.testing.assert_allclose(out[0], [w - 30 * s, 5 * s, w - 10 * s, 15 * s], rtol=1e-5)
     assert shorter == {40, 60}
 
@@ -59,6 +62,7 @@ def test_flip_probability_and_no_flip_at_test():
     never = build_det_transform(True, min_size_train=(50,), max_size_train=1000, flip_prob=0.0)
     assert all(never(_image(50, 100), boxes, [1], seed=s)[1][0, 0] == 10.0 for s in range(20))
     test = build_det_transform(False, min_size_test=50)
+    # no resize at test time here; albumentations' normalise / denormalise rounds by ~u of 30 px (2e-6)
     assert all(np.allclose(test(_image(50, 100), boxes, [1], seed=s)[1], boxes) for s in range(20))
 
 
@@ -90,6 +94,7 @@ def test_large_scale_jitter_scale_range_and_padding():
         out, boxes, _ = t(image, [[0, 0, 100, 50]], [1], seed=seed)
         filled_w = int((out[0, :, 0] > 0).sum())
         assert 20 <= filled_w <= 50 and out[-1, -1, 0] == 0  # scaled image at the top left, zero padding
+        # the scaled image covers a whole number of pixels, the box its exact float extent: within 1 px
         np.testing.assert_allclose(boxes[0], [0, 0, filled_w, filled_w / 2], atol=1)
 
 

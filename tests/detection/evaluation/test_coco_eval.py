@@ -28,6 +28,11 @@ from engine import ConfigError, DatasetError, load_config
 from tests.conftest import REPO
 
 BACKENDS = ["pycocotools", "faster_coco_eval"]
+# Both backends compute the same float64 precisions and recalls; faster-coco-eval (C++) accumulates and
+# averages them in its own order, so a mean over 10 IoUs x 101 recall points x the classes agrees to a few
+# float64 ulps (measured 6e-17). 1e-9, of a fraction or of a percent, is far below the 0.001 the summary
+# prints, and far above any order of float64 sums.
+EVAL_ATOL = 1e-9
 
 
 @pytest.fixture
@@ -126,13 +131,14 @@ def test_perfect_boxes_give_ap_100(gt, backend):
     report = evaluate_coco(gt, perfect_boxes(gt), "bbox", backend)
     assert report.metrics == {k: 100.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
     # AR@1 < 1: most images hold several objects of a class; AR@100 is 1.
+    # pycocotools' value; faster-coco-eval's other averaging order moves it by float64 ulps (1e-16).
     assert report.stats[6] == pytest.approx(0.6941180135380044, abs=1e-12) and report.stats[8] == 1.0
     present = {a["category_id"] for a in gt.dataset["annotations"]}
     assert len(present) == 48
     for cat_id, cat in gt.cats.items():
         ap = report.per_category[cat["name"]]
         # precision is tp / (tp + fp + eps) in pycocotools, so a class can come out at 99.99999999999997
-        assert ap == pytest.approx(100.0, abs=1e-9) if cat_id in present else math.isnan(ap)
+        assert ap == pytest.approx(100.0, abs=EVAL_ATOL) if cat_id in present else math.isnan(ap)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,9 +147,9 @@ def test_noisy_boxes_equal_pycocotools(gt, gt_path, backend):
     ref, ref_summary = reference(gt_path, dets)
     report = evaluate_coco(gt, dets, "bbox", backend)
     assert 0.05 < ref.stats[0] < 0.5  # a score that can differ, not 0 or 1
-    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=1e-9)
-    assert report.metrics["AP"] == pytest.approx(ref.stats[0] * 100, abs=1e-9)
-    assert report.metrics["APl"] == pytest.approx(ref.stats[5] * 100, abs=1e-9)
+    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=EVAL_ATOL)
+    assert report.metrics["AP"] == pytest.approx(ref.stats[0] * 100, abs=EVAL_ATOL)
+    assert report.metrics["APl"] == pytest.approx(ref.stats[5] * 100, abs=EVAL_ATOL)
     assert report.summary == ref_summary and len(report.summary.splitlines()) == 12
 
 
@@ -159,11 +165,12 @@ def test_per_category_equals_precision_array(gt, gt_path, backend):
         p = p[p > -1]
         ours = report.per_category[gt.cats[cat_id]["name"]]
         if p.size:
-            assert ours == pytest.approx(p.mean() * 100, abs=1e-9)
+            assert ours == pytest.approx(p.mean() * 100, abs=EVAL_ATOL)
         else:
             assert math.isnan(ours)
-    # the mean over categories with ground truth is AP itself
-    assert np.nanmean(list(report.per_category.values())) == pytest.approx(report.metrics["AP"], abs=1e-9)
+    # the mean over categories with ground truth is AP itself (each has the same 10 x 101 entries), up to
+    # the order of the float64 sums
+    assert np.nanmean(list(report.per_category.values())) == pytest.approx(report.metrics["AP"], abs=EVAL_ATOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,6 +189,7 @@ def test_max_dets_100_per_image_and_category(gt, backend):
         dets += [{"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 0.9,
                   "bbox": [-1000.0 - 10 * i, -1000.0, 5.0, 5.0]} for i in range(n_fp)]
         report = evaluate_coco(gt, dets, "bbox", backend)
+        # precision 1/100 (or 0) at every recall point, in percent: float64, within an ulp or so of 1.0
         assert report.per_category[name] == pytest.approx(expected, abs=1e-12)
 
 
@@ -203,7 +211,7 @@ def test_results_for_some_images(gt, gt_path, backend):
     report = evaluate_coco(gt, dets, "bbox", backend)
     ref, _ = reference(gt_path, dets)
     assert 0 < report.metrics["AP"] < 100
-    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=EVAL_ATOL)
     # Restricted to those images they are perfect.
     assert evaluate_coco(gt, dets, "bbox", backend, img_ids=some).metrics["AP"] == 100.0
     with pytest.raises(DatasetError, match=r"img_ids \[999\] are not in the ground truth"):
@@ -216,7 +224,7 @@ def test_perfect_masks_give_ap_100(gt, gt_path, backend):
     dets = perfect_masks(gt)
     report = evaluate_coco(gt, dets, "segm", backend)
     assert report.metrics == {k: 100.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-    np.testing.assert_allclose(report.stats, reference(gt_path, dets, "segm")[0].stats, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(report.stats, reference(gt_path, dets, "segm")[0].stats, rtol=0, atol=EVAL_ATOL)
     # COCOeval turns the polygons of the annotations it evaluates into RLE; ours must not touch the caller's.
     assert gt.dataset == before
 
@@ -227,7 +235,7 @@ def test_noisy_masks_equal_pycocotools(gt, gt_path, backend):
     ref, ref_summary = reference(gt_path, dets, "segm")
     report = evaluate_coco(gt, dets, "segm", backend)
     assert 0.01 < ref.stats[0] < 0.5
-    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(report.stats, ref.stats, rtol=0, atol=EVAL_ATOL)
     assert report.summary == ref_summary
 
 
@@ -378,6 +386,7 @@ def test_write_eval_outputs(gt, tmp_path):
                      "eval/summary_bbox.txt", "metrics.json"]
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == dets
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # JSON writes a float64 by repr, which reads back exactly
     assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] == pytest.approx(report.metrics["AP"])
     per_category = json.loads((tmp_path / "eval" / "per_category_bbox.json").read_text())
     assert per_category["fire hydrant"] is None  # NaN (no ground truth) is written as null
