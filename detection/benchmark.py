@@ -50,15 +50,24 @@ def _check_format(memory_format: str):
         raise ConfigError(f"memory format {memory_format!r}: use one of {', '.join(MEMORY_FORMATS)}")
 
 
+def format_override(memory_format: str) -> str:
+    """The config override that puts our model in `memory_format` (a MEMORY_FORMATS name)."""
+    _check_format(memory_format)
+    return f"model.channels_last={'true' if memory_format == 'channels_last' else 'false'}"
+
+
+def format_name(cfg) -> str:
+    """The MEMORY_FORMATS name of a config's model.channels_last."""
+    return "channels_last" if cfg.model.channels_last else "contiguous"
+
+
 def our_detector(config, overrides: Sequence[str], weights: Optional[str], seed: int,
                  memory_format: str = "contiguous"):
     """Ours in `memory_format`, whatever the config's model.channels_last says (it is overridden here, so
     the two sides cannot differ through the config)."""
-    _check_format(memory_format)
     torch.manual_seed(seed)
-    channels_last = "true" if memory_format == "channels_last" else "false"
     overrides = list(overrides) + ["model.backbone.weights=null", "model.weights=null",
-                                   f"model.channels_last={channels_last}"]
+                                   format_override(memory_format)]
     if not weights:
         overrides.append("test.score_thresh=0.0")
     model = build_detector(config, overrides)
@@ -343,7 +352,7 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
         synchronize(device)
         totals.append(time.perf_counter() - start)
     del batches, loader  # stops the workers
-    settings = {"config": config_name, "memory_format": "channels_last" if cfg.model.channels_last else "contiguous",
+    settings = {"config": config_name, "memory_format": format_name(cfg),
                 "num_workers": cfg.data.num_workers, "loader_batches_per_time": block,
                 "ims_per_batch": cfg.solver.ims_per_batch, "threads": torch.get_num_threads()}
     extra = {"training_s_per_step": statistics.median(totals), "waiting_for_data_s_per_step": statistics.median(waits),

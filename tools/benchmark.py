@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from detection.benchmark import MEMORY_FORMATS, data_benchmark, eval_sides, infer_sides, train_sides
+from detection.benchmark import (MEMORY_FORMATS, data_benchmark, eval_sides, format_name, format_override, infer_sides,
+                                train_sides)
 from engine.benchmark import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
@@ -70,9 +71,9 @@ def main(argv=None):
         raise ConfigError("--task eval times COCO evaluation (no model): it takes no --memory-format")
     overrides = list(args.overrides)
     if args.memory_format:  # last, so it wins over the config and any model.channels_last override
-        overrides.append(f"model.channels_last={'true' if args.memory_format == 'channels_last' else 'false'}")
+        overrides.append(format_override(args.memory_format))
     cfg = as_config(args.config, overrides)
-    memory_format = "channels_last" if cfg.model.channels_last else "contiguous"
+    memory_format = format_name(cfg)
     device = resolve_device(cfg.device)
     size = args.image_size or ((800, 1216) if args.task == "infer" else (512, 683))
     # The image is given at the size to measure: both models resize it to itself.
