@@ -90,6 +90,11 @@ def build_detector(config, overrides=(), weights: Optional[str] = None, for_infe
     return model.to(memory_format=memory_format(cfg))
 
 
+# The tools' --weights: a whole detector, which build_detector(weights=..., for_inference=True) loads.
+WEIGHTS_HELP = ("the whole detector, ours or torchvision's; model.backbone.weights is not read, and a file that "
+                "does not cover the model is an error")
+
+
 # Tensors whose shape follows model.num_classes: the box predictor's (K + 1 classes, 4 deltas each) and the
 # mask predictor's (K + 1 masks, one when class-agnostic).
 CLASS_TENSORS = ("roi_heads.predictor.", "roi_heads.mask_head.predictor.")

@@ -25,6 +25,7 @@ import torch
 
 from detection.benchmark import (MEMORY_FORMATS, data_benchmark, eval_sides, format_name, format_override, infer_sides,
                                 train_sides)
+from detection.build import WEIGHTS_HELP
 from engine.benchmark import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
@@ -49,7 +50,7 @@ def main(argv=None):
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--vs", choices=["torchvision", "pycocotools"], action="append", default=[],
                         help="the peer implementation to time against (eval: pycocotools)")
-    parser.add_argument("--weights", help="detector weights (default: the config's model, seeded)")
+    parser.add_argument("--weights", help=f"{WEIGHTS_HELP} (default: the config's model, seeded)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--image-size", type=image_size, default=None,

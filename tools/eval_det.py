@@ -8,6 +8,7 @@ eval/ (results.json, summary_<type>.txt, per_category_<type>.txt and .json).
 """
 import sys
 
+from detection.build import WEIGHTS_HELP
 from detection.evaluation import evaluate_results_file, format_per_category
 from engine.cli import parser_for, run
 from engine.config import load_config, save_config
@@ -19,9 +20,7 @@ def main(argv=None):
     parser.add_argument("config")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="COCO results json (image_id, category_id, score, bbox[, segmentation])")
-    source.add_argument("--weights", help="checkpoint to run on data.val and evaluate: the whole detector, ours or "
-                        "torchvision's; model.backbone.weights is not read, and a file that does not "
-                        "cover the model is an error")
+    source.add_argument("--weights", help=f"checkpoint to run on data.val and evaluate: {WEIGHTS_HELP}")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     # Intermixed: `CONFIG --results R.json KEY=VALUE` would otherwise reject the overrides after the option.
     args = parser.parse_intermixed_args(argv)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from detection.build import build_detector
+from detection.build import WEIGHTS_HELP, build_detector
 from detection.export import FORMATS, export_and_check, read_images
 from engine.cli import parser_for, run
 from engine.config import load_config
@@ -24,8 +24,7 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    parser.add_argument("--weights", help="the whole detector, ours or torchvision's; model.backbone.weights "
-                        "is not read, and a file that does not cover the model is an error")
+    parser.add_argument("--weights", help=WEIGHTS_HELP)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True)
     parser.add_argument("--check-images", nargs="+", default=[], help="images or folders to compare on")

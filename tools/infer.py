@@ -10,6 +10,7 @@ A file that cannot be read is named and skipped; the exit status is then 1.
 """
 import sys
 
+from detection.build import WEIGHTS_HELP
 from detection.inference import infer_files
 from engine.cli import parser_for, run
 from engine.config import load_config
@@ -19,9 +20,7 @@ def main(argv=None):
     parser = parser_for(__doc__)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    parser.add_argument("--weights", required=True,
-                        help="the whole detector, ours or torchvision's; model.backbone.weights is not read, "
-                        "and a file that does not cover the model is an error")
+    parser.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     parser.add_argument("--input", nargs="+", required=True, help="images or folders")
     parser.add_argument("--output", required=True)
     parser.add_argument("--no-vis", action="store_true", help="skip the PNG visualisations")
