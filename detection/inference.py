@@ -13,8 +13,7 @@ from tqdm import tqdm
 
 from engine.config import save_config
 from engine.data.decode import read_image
-from engine.data.imagefolder import IMAGE_EXTENSIONS
-from engine.data.paths import require_path
+from engine.data.paths import IMAGE_EXTENSIONS, require_path
 from engine import distributed as dist
 from engine.device import resolve_device
 from engine.errors import DatasetError

@@ -1,127 +1,100 @@
-"""torchvision detection checkpoints <-> ours. Key tables in the format of `backbones.weights`."""
-from typing import Dict
+"""Loading a whole detector's weights: ours, or torchvision's converted on the fly."""
+import logging
+import os
+from typing import Optional
 
-import torch
-
-from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys, key_list,
-                               from_timm_resnet, from_torchvision_resnet, to_torchvision_resnet)
+from backbones.checkpoint_kind import checkpoint_kind
+from backbones.weights import check_fit, key_list, read_weights
 from engine.errors import CheckpointError
 
-from .detectron2_weights import from_detectron2
+from .conversion.torchvision import from_torchvision_detector
 
-# ResNet body under "backbone.body." (theirs) / "backbone.bottom_up." (ours), minus the classifier.
-_BODY = [(f"backbone.body.{tv}", f"backbone.bottom_up.{ours}") for tv, ours in TORCHVISION_RESNET_KEYS
-         if not tv.startswith("fc.")]
-
-# Where several rules name the same key of ours, the first is torchvision's current layout: `convert_keys`
-# takes the first rule that matches, so `reverse=True` writes the current layout.
-TORCHVISION_DETECTION_KEYS = _BODY + [
-    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.lateral_convs.{i}."),
-    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.output_convs.{i}."),
-    # Checkpoints saved before torchvision wrapped these convolutions in Conv2dNormActivation.
-    ("backbone.fpn.inner_blocks.{i}.", "backbone.lateral_convs.{i}."),
-    ("backbone.fpn.layer_blocks.{i}.", "backbone.output_convs.{i}."),
-    ("rpn.head.conv.0.0.", "rpn.head.conv."),
-    ("rpn.head.conv.", "rpn.head.conv."),
-    ("rpn.head.cls_logits.", "rpn.head.objectness."),
-    ("rpn.head.bbox_pred.", "rpn.head.deltas."),
-    ("roi_heads.box_head.fc6.", "roi_heads.box_head.fc1."),
-    ("roi_heads.box_head.fc7.", "roi_heads.box_head.fc2."),
-    ("roi_heads.box_predictor.", "roi_heads.predictor."),
-    # Mask R-CNN: torchvision's mask_head.{s}.0 (Conv2dNormActivation; .1 its norm) are our fcn{r}/norm{r},
-    # r = s + 1; checkpoints from before that wrapper name them mask_fcn{r}.
-    ("roi_heads.mask_head.{s}.0.", "roi_heads.mask_head.fcn{r}."),
-    ("roi_heads.mask_head.{s}.1.", "roi_heads.mask_head.norm{r}."),
-    ("roi_heads.mask_head.mask_fcn{r}.", "roi_heads.mask_head.fcn{r}."),
-    ("roi_heads.mask_predictor.conv5_mask.", "roi_heads.mask_head.deconv."),
-    ("roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_head.predictor."),
-]
+logger = logging.getLogger(__name__)
 
 
-# torchvision's detectors built without weights use BatchNorm2d, which keeps a step counter; built around
-# pretrained weights they use FrozenBatchNorm2d, which drops one on load. Ours freeze their norms.
-_COUNTER = ".num_batches_tracked"
-_COUNTERS_IN = "BatchNorm step counters (our detectors' FrozenBN keeps none; they do not change outputs)"
-_COUNTERS_OUT = ("BatchNorm step counters, zero (torchvision's model built without weights has BatchNorm2d, "
-                 "which keeps one; its FrozenBatchNorm2d drops them on load)")
+# The tools' --weights: a whole detector, which build_detector(weights=..., for_inference=True) loads.
+WEIGHTS_HELP = ("the whole detector, ours or torchvision's; model.backbone.weights is not read, and a file that "
+                "does not cover the model is an error")
 
 
-def from_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A torchvision Faster/Mask R-CNN R50-FPN state dict (either layout) in our names, less `_COUNTER`s."""
-    if "backbone.body.conv1.weight" not in state_dict:
-        raise CheckpointError("not a torchvision detection state dict (no 'backbone.body.conv1.weight'); "
-                              f"keys start with {sorted(state_dict)[:5]}")
-    weights = {k: v for k, v in state_dict.items() if not k.endswith(_COUNTER)}
-    converted, skipped = convert_keys(weights, TORCHVISION_DETECTION_KEYS)
-    if skipped:
-        raise CheckpointError(f"torchvision detection keys that no rule converts: {skipped[:10]}")
-    return converted
+# Tensors whose shape follows model.num_classes: the box predictor's (K + 1 classes, 4 deltas each) and the
+# mask predictor's (K + 1 masks, one when class-agnostic).
+CLASS_TENSORS = ("roi_heads.predictor.", "roi_heads.mask_head.predictor.")
+CLASS_SCORE = "roi_heads.predictor.cls_score.weight"
 
 
-def from_torchvision(state_dict) -> Conversion:
-    """A torchvision ResNet classifier or detector, whichever the keys say it is."""
-    if "backbone.body.conv1.weight" in state_dict:
-        counters = [k for k in state_dict if k.endswith(_COUNTER)]
-        return Conversion(from_torchvision_detector(state_dict), "torchvision's detector",
-                          skipped={_COUNTERS_IN: counters} if counters else {})
-    return Conversion(from_torchvision_resnet(state_dict), "torchvision's ResNet")
+def load_detector_weights(model, path: str, for_inference: bool = True, setting: Optional[str] = None):
+    """Our checkpoints, or torchvision's detection state dicts (converted on the fly). A file of another
+    kind is refused, saying what it is. `setting` names where the file was given (default --weights for
+    inference, model.weights for training).
 
-
-# torchvision's builder of the detector our R50-FPN model matches, by whether it has masks.
-TORCHVISION_BUILDERS = {False: "fasterrcnn_resnet50_fpn", True: "maskrcnn_resnet50_fpn"}
-
-
-def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, torch.Tensor]:
-    """The state dict of torchvision's `builder`(weights=None, ...) as shapes only (meta tensors)."""
-    from torchvision.models import detection  # 2 s to import; only this conversion needs it
-
-    with torch.device("meta"):
-        model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
-    return model.state_dict()
-
-
-def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
-    """Our R50-FPN Faster R-CNN or Mask R-CNN in torchvision's current names: loads with strict=True into
-    fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K)."""
-    kind = "Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state_dict) else "Faster R-CNN"
-    classifier = state_dict.get("roi_heads.predictor.cls_score.weight")
-    if classifier is None:
-        raise CheckpointError(f"our {kind} without 'roi_heads.predictor.cls_score.weight': torchvision's "
-                              "detectors need a box classifier of that name")
-    builder = TORCHVISION_BUILDERS[kind == "Mask R-CNN"]
-    target = f"torchvision's {builder}(weights=None, weights_backbone=None, num_classes={len(classifier)})"
-    # torchvision's model in our names, so that every problem is named as the file names it.
-    expected, _ = convert_keys(_torchvision_detector_shapes(builder, len(classifier)), TORCHVISION_DETECTION_KEYS)
-    source = f"our {kind}, converted for {target},"
-    fit = check_fit(expected, state_dict, source)  # a shape mismatch is an error naming every one
-    problems = [f"{len(keys)} {what}: {key_list(keys, 10)}" for what, keys in
-                [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
-                if keys]
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model, the ResNet-50-FPN detector torchvision builds "
-                              "(3 anchors a location, 2-fc box head, 4-conv mask head without norm, a mask a "
-                              "class): " + "; ".join(problems))
-    counters = [k for k in expected if k.endswith(_COUNTER) and k not in state_dict]
-    ordered = {k: state_dict[k] if k in state_dict else torch.zeros((), dtype=torch.long) for k in expected}
-    converted, _ = convert_keys(ordered, TORCHVISION_DETECTION_KEYS, reverse=True)
-    return Conversion(converted, f"our {kind}, loadable with strict=True into {target}",
-                      added={_COUNTERS_OUT: counters} if counters else {})
-
-
-def to_torchvision(state_dict) -> Conversion:
-    """Our detector or ResNet classifier in torchvision's names, whichever the keys say it is."""
-    if any(k.startswith("backbone.bottom_up.") for k in state_dict):
-        return to_torchvision_detector(state_dict)
-    if any(k.startswith(("stem.", "res2.")) for k in state_dict):
-        return Conversion(to_torchvision_resnet(state_dict), "our ResNet classifier")
-    if "backbone.body.conv1.weight" in state_dict or "layer1.0.conv1.weight" in state_dict:
-        found = "it is in torchvision's names already (convert it with --from torchvision)"
-    else:
-        found = f"its keys start with {sorted(state_dict)[:5]}"
-    raise CheckpointError("neither our detector ('backbone.bottom_up.' keys) nor our ResNet classifier "
-                          f"('stem.', 'res2.' keys): {found}")
-
-
-# tools/convert_weights.py: --from FORMAT and --to FORMAT.
-CONVERTERS_IN = {"torchvision": from_torchvision, "timm": from_timm_resnet, "detectron2": from_detectron2}
-CONVERTERS_OUT = {"torchvision": to_torchvision}
+    `for_inference`: the weights are to be evaluated or deployed as they are, so the file must hold every
+    tensor of the model and no other: anything else is a CheckpointError naming the tensors (a head left at
+    random initialisation writes detections that look real and mean nothing). That includes a file for
+    another class count, and a Mask R-CNN checkpoint for a Faster R-CNN (its masks would be dropped) or
+    the reverse (its masks would come from random weights). As an initialisation for training
+    (model.weights), each of those is a warning naming what training starts from initialisation and why:
+    fine-tuning to a new label space replaces the predictors, a Faster R-CNN has no mask head."""
+    setting = setting or ("--weights" if for_inference else "model.weights")
+    name = f"{setting}={path}"
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{name} not found")
+    state = read_weights(path)
+    kind = checkpoint_kind(state)
+    if kind.source == "torchvision" and kind.is_detector:
+        state = from_torchvision_detector(state)
+    elif not (kind.source == "ours" and kind.is_detector):
+        where = (" (a backbone or classifier goes in model.backbone.weights)"
+                 if kind.model in ("classifier", "resnet", "backbone") and kind.source in ("ours", "torchvision") else "")
+        raise CheckpointError(f"{name} is {kind.description}, not a detector checkpoint{where}{kind.hint()}")
+    own = model.state_dict()
+    built = "mask_rcnn" if any(k.startswith("roi_heads.mask_head.") for k in own) else "faster_rcnn"
+    if kind.model != built:
+        names = {"mask_rcnn": "Mask R-CNN", "faster_rcnn": "Faster R-CNN"}
+        what = (f"{path} is a {names[kind.model]} checkpoint and the config builds a {names[built]}"
+                + (" (model.name=mask_rcnn builds one; configs/mrcnn_*.yaml)" if kind.model == "mask_rcnn" else ""))
+        if for_inference:
+            consequence = ("its mask head would be dropped" if kind.model == "mask_rcnn" else
+                           "the masks would come from an untrained mask head")
+            raise CheckpointError(f"{what}: {consequence}")
+        logger.warning("%s: %s", what, "its mask head is not used" if kind.model == "mask_rcnn"
+                       else "the mask head starts from initialisation")
+    file_classes, model_classes = (len(s[CLASS_SCORE]) - 1 if CLASS_SCORE in s else None for s in (state, own))
+    new_classes = None not in (file_classes, model_classes) and file_classes != model_classes
+    # Another class count reshapes the predictors, and only them: any other shape mismatch is an error
+    # (check_fit), never skipped.
+    reshaped = [k for k, v in state.items() if new_classes and k.startswith(CLASS_TENSORS)
+                and k in own and v.shape != own[k].shape]
+    if reshaped and for_inference:
+        shapes = ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in reshaped)
+        raise CheckpointError(f"{name} is a detector of {file_classes} classes and the config builds one of "
+                              f"{model_classes} (model.num_classes): set model.num_classes={file_classes}, with "
+                              f"data.categories to match the file's label space ({shapes})")
+    state = {k: v for k, v in state.items() if k not in reshaped}
+    report = check_fit(own, state, name)
+    if for_inference and (report.missing or report.unexpected):
+        problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
+            ("of the model's tensors are not in it", report.missing),
+            ("of its tensors have no place in the model", report.unexpected)) if keys]
+        raise CheckpointError(
+            f"{name} does not cover the model: " + "; ".join(problems) + ". A detector used as it is needs all "
+            "of its tensors from the file (left at random initialisation they would give meaningless "
+            "detections): use its run's complete checkpoint (model_final.pth), or, to train from this file, "
+            "give it as model.weights to tools/train_det.py")
+    model.load_state_dict(state, strict=False)
+    logger.info("%s: %s", name, report.summary())
+    if report.missing:
+        mask = [k for k in report.missing if kind.model != built and k.startswith("roi_heads.mask_head.")
+                and k not in reshaped]
+        absent = [k for k in report.missing if k not in reshaped and k not in mask]
+        reasons = [(reshaped, f"of the class predictors, as the file has {file_classes} classes and "
+                              f"model.num_classes={model_classes} (a new label space, as in fine-tuning)"),
+                   (mask, "of the mask head, which a Faster R-CNN checkpoint does not have"),
+                   (absent, "not in the file")]
+        logger.warning("%s leaves %d tensors at initialisation for training to learn: %s", name,
+                       len(report.missing), "; ".join(f"{len(keys)} {why}: {key_list(keys)}"
+                                                      for keys, why in reasons if keys))
+    if report.unexpected:
+        logger.warning("%s: %d tensors have no place in the model and are not used: %s", name,
+                       len(report.unexpected), key_list(report.unexpected))
+    return report

@@ -23,10 +23,10 @@ import sys
 
 import torch
 
-from detection.benchmark import (MEMORY_FORMATS, data_benchmark, eval_sides, format_name, format_override, infer_sides,
+from detection.benchmark.tasks import (MEMORY_FORMATS, data_benchmark, eval_sides, format_name, format_override, infer_sides,
                                 train_sides)
-from detection.build import WEIGHTS_HELP
-from engine.benchmark import compare
+from detection.weights import WEIGHTS_HELP
+from detection.benchmark.harness import compare
 from engine.cli import parser_for, run
 from engine.config import as_config
 from engine.device import resolve_device

@@ -14,8 +14,8 @@ random input, prints the largest difference and fails if it is larger than float
 import sys
 
 from backbones.weights import convert_file, read_weights
-from detection.weights import CONVERTERS_IN, CONVERTERS_OUT
-from detection.weights_check import check_conversion
+from detection.conversion import CONVERTERS_IN, CONVERTERS_OUT
+from detection.conversion.check import check_conversion
 from engine.cli import parser_for, run
 from engine.errors import CheckpointError
 

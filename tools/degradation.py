@@ -13,7 +13,7 @@ has to wait for a core).
 import sys
 
 from engine.cli import parser_for, run
-from engine.degradation import check_settings, format_table, load_data, run_degradation
+from backbones.experiments.degradation import check_settings, format_table, load_data, run_degradation
 from engine.events import setup_logging
 
 

@@ -35,7 +35,7 @@ WORKERS = os.cpu_count() or 1
 def pretrain_classifier(args, data, overrides=(), config="configs/demo/cls_shapes_pretrain.yaml"):
     """The ResNet-18 classifier on synthetic crops; its backbone.pth is the detector's initialisation."""
     from detection.data.synthetic import VAL_SEED_OFFSET, make_crops
-    from engine.classification import train_classifier
+    from backbones.classification.train import train_classifier
 
     make_crops(data, "train", args.train_crops or (TRAIN_CROPS_PER_CLASS if args.classifier else
                                                    PRETRAIN_CROPS_PER_CLASS), SEED, workers=WORKERS)

@@ -8,7 +8,7 @@ eval/ (results.json, summary_<type>.txt, per_category_<type>.txt and .json).
 """
 import sys
 
-from detection.build import WEIGHTS_HELP
+from detection.weights import WEIGHTS_HELP
 from detection.evaluation import evaluate_results_file, format_per_category
 from engine.cli import parser_for, run
 from engine.config import load_config, save_config

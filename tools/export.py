@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-from detection.build import WEIGHTS_HELP, build_detector
-from detection.export import FORMATS, export_and_check, read_images
+from detection.build import build_detector
+from detection.weights import WEIGHTS_HELP
+from detection.export.exporter import FORMATS, export_and_check, read_images
 from engine.cli import parser_for, run
 from engine.config import load_config
 

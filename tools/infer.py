@@ -10,7 +10,7 @@ A file that cannot be read is named and skipped; the exit status is then 1.
 """
 import sys
 
-from detection.build import WEIGHTS_HELP
+from detection.weights import WEIGHTS_HELP
 from detection.inference import infer_files
 from engine.cli import parser_for, run
 from engine.config import load_config

@@ -23,7 +23,7 @@ def main(argv=None):
                         "run's model_final.pth or last checkpoint)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from engine.classification import evaluate_only, train_classifier
+    from backbones.classification.train import evaluate_only, train_classifier
 
     metrics = evaluate_only(cfg) if args.eval_only else train_classifier(cfg, resume=args.resume)
     if not is_main():  # under torchrun, rank 0 reports

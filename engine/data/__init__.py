@@ -1,5 +1,5 @@
-"""Data loading shared by classification and detection: image decoding and the ImageFolder dataset."""
+"""Data loading shared by classification and detection: image decoding, dataset paths, samplers."""
 from .decode import read_image
-from .imagefolder import IMAGE_EXTENSIONS, ImageFolder, build_cls_transform
+from .paths import IMAGE_EXTENSIONS, require_path
 
-__all__ = ["read_image", "ImageFolder", "build_cls_transform", "IMAGE_EXTENSIONS"]
+__all__ = ["read_image", "IMAGE_EXTENSIONS", "require_path"]

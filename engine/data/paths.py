@@ -3,6 +3,9 @@ import os
 
 from engine.errors import ConfigError
 
+# Image files, by extension, wherever a folder of images is read (classification data, inference inputs).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
 
 def require_path(path, setting: str, what: str, folder: bool = False):
     """ConfigError naming the config key when a dataset path is unset or does not exist."""

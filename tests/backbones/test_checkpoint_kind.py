@@ -7,7 +7,8 @@ import torch
 from backbones.checkpoint_kind import checkpoint_kind
 from backbones.resnet import ResNet
 from backbones.weights import save_weights, to_torchvision_resnet
-from detection.build import build_detector, load_detector_weights
+from detection.build import build_detector
+from detection.weights import load_detector_weights
 from engine.config import Config
 from engine.errors import CheckpointError
 

@@ -10,7 +10,7 @@ import torch
 import backbones
 from backbones.build import build_classifier
 from backbones.weights import from_timm_resnet, load_state_dict
-from detection.weights import CONVERTERS_IN
+from detection.conversion import CONVERTERS_IN
 from engine.config import Config
 from engine.errors import CheckpointError, ConfigError
 from tests.conftest import randomize_norms, run_tool

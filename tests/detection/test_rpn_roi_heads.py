@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbones.norms import unfolded_norms
 from backbones.weights import load_state_dict
 from detection import build_detector
-from detection.weights import from_torchvision_detector
+from detection.conversion import from_torchvision_detector
 from engine.config import Config
 from tests.conftest import REPO
 

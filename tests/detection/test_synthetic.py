@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from detection.data.synthetic import (CATEGORIES, MAX_OBJECTS, VAL_SEED_OFFSET, make_coco_split, make_crops,
                                       make_synthetic, render_image)
 from engine.data.decode import read_image
-from engine.data.imagefolder import ImageFolder, build_cls_transform
+from backbones.classification.imagefolder import ImageFolder, build_cls_transform
 
 HEIGHT, WIDTH = 96, 128  # not square, so that a swapped H/W shows
 

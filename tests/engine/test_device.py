@@ -3,7 +3,7 @@ same detector and classifier outputs as NCHW; pinned memory and cuDNN autotuning
 import torch
 
 from backbones.build import build_classifier
-from engine.classification import classification_step
+from backbones.classification.train import classification_step
 from engine.config import Config
 from engine.device import memory_format, pin_memory, setup_device
 from tests.detection.test_rpn_roi_heads import _batch, _targets, small_model

@@ -12,7 +12,8 @@ import torch
 from backbones.build import build_model, load_backbone_weights
 from backbones.resnet import ResNet
 from backbones.weights import read_weights, save_weights
-from detection.build import build_detector, load_detector_weights
+from detection.build import build_detector
+from detection.weights import load_detector_weights
 from engine.checkpoint import (Checkpointer, load_checkpoint_file, safe_torch_load, sha256_file,
                                verify_checksum)
 from engine.config import Config

@@ -19,7 +19,7 @@ from detection.data.mapper import transform_from_config
 from detection.preprocess import Preprocessor
 from engine.config import load_config
 from engine.data.decode import MAX_IMAGE_PIXELS, read_image
-from engine.data.imagefolder import ImageFolder, build_cls_transform
+from backbones.classification.imagefolder import ImageFolder, build_cls_transform
 from engine.errors import DatasetError
 from tests.conftest import REPO
 

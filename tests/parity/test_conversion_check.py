@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from detection import weights as detection_weights
-from detection.weights_check import check_conversion
+from detection import conversion as detection_weights
+from detection.conversion.check import check_conversion
 from tests.conftest import randomize_norms, run_tool
 
 

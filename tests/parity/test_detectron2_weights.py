@@ -10,7 +10,7 @@ import torch
 from backbones.resnet import ResNet
 from backbones.weights import check_fit, read_weights
 from detection.build import build_detector
-from detection.detectron2_weights import from_detectron2
+from detection.conversion.detectron2 import from_detectron2
 from engine.data.decode import read_image
 from tests.conftest import run_tool
 

@@ -11,7 +11,7 @@ import torchvision
 
 from backbones.weights import read_weights, save_weights
 from detection.build import build_detector
-from detection.weights import to_torchvision
+from detection.conversion import to_torchvision
 from engine.errors import CheckpointError
 from tests.conftest import REPO, randomize_norms, run_tool
 from tests.parity.test_torchvision_frcnn import both_on, mask_ious, match_fraction, matches

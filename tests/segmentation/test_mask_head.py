@@ -11,8 +11,8 @@ from detection.preprocess import Preprocessor
 from engine.config import Config
 from tests.detection import test_rpn_roi_heads as rpn_roi_heads
 from segmentation.mask_head import MaskHead, mask_loss, mask_targets
-from segmentation.mask_rcnn import MaskRCNN
-from segmentation.roi_heads import MaskRoIHeads
+from detection.mask_rcnn import MaskRCNN
+from detection.mask_rcnn import MaskRoIHeads
 
 
 def test_own_class_logits_equal_selected_logits_with_the_same_gradients():

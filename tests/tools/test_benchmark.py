@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from detection.benchmark import MEMORY_FORMATS, setup_infer, setup_train
-from engine.benchmark import Report, Side, SideResult, compare, ratio_phrase
+from detection.benchmark.tasks import MEMORY_FORMATS, setup_infer, setup_train
+from detection.benchmark.harness import Report, Side, SideResult, compare, ratio_phrase
 from tests.conftest import REPO, run_tool
 
 CONFIG = REPO / "configs" / "torchvision" / "frcnn_r50_fpn.yaml"
@@ -120,7 +120,7 @@ def test_eval_benchmark_checks_identical_numbers_first(tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     table = json.loads(out.read_text())
     assert [s["name"] for s in table["sides"]] == ["ours", "pycocotools"]
-    from detection.benchmark import setup_eval
+    from detection.benchmark.tasks import setup_eval
     ours, theirs = setup_eval("ours", 30, 0)(), setup_eval("pycocotools", 30, 0)()
     # The same 12 numbers (faster-coco-eval sums in another order: equal to 1e-12), and a non-trivial AP.
     assert list(ours) == pytest.approx(theirs, abs=1e-12) and 0.2 < theirs[0] < 1.0
@@ -155,7 +155,7 @@ def test_data_benchmark_times_loader_step_and_training_together(tmp_path, capsys
 
 
 def test_dense_floor_replays_the_convolutions_and_matrix_products_of_a_call():
-    from engine.benchmark import dense_calls, dense_floor
+    from detection.benchmark.harness import dense_calls, dense_floor
 
     conv, fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
     x = torch.rand(2, 3, 16, 16)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.degradation import CIFAR_BATCHES, CIFAR_TEST_BATCH, augment, load_cifar, load_digits, run_degradation
+from backbones.experiments.degradation import CIFAR_BATCHES, CIFAR_TEST_BATCH, augment, load_cifar, load_digits, run_degradation
 from engine.errors import ConfigError
 from tests.conftest import REPO
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detection.build import build_detector
-from detection.export import compare, export, export_and_check, load, read_images
+from detection.export.exporter import compare, export, export_and_check, load, read_images
 from engine.errors import ExportError
 from tests.conftest import REPO, SHARED_DATA, randomize_norms, run_tool
 

@@ -92,8 +92,8 @@ def check_torchvision_detector(theirs_state: Dict[str, torch.Tensor], ours_state
     """FPN features on a random normalised batch, then the detections of both on one random image."""
     from torchvision.models import detection
 
-    from .build import build_detector
-    from .weights import TORCHVISION_BUILDERS
+    from ..build import build_detector
+    from .torchvision import TORCHVISION_BUILDERS
 
     mask = any(k.startswith("roi_heads.mask_head.") for k in ours_state)
     classes = len(ours_state["roi_heads.predictor.cls_score.weight"])

@@ -13,12 +13,12 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
 from engine.data.decode import ImageReader
+from engine.data.paths import IMAGE_EXTENSIONS
 from engine.data.samplers import seed_compose
 from engine.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

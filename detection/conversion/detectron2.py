@@ -171,7 +171,7 @@ def _add_mask_background(converted, num_classes: int, added) -> bool:
 
 def _check_detector_fit(converted, base: str, overrides: List[str], kind: str):
     """Every tensor has its place in the model the overrides build, and the model lacks none."""
-    from .build import build_detector  # detection.build imports detection.weights, which imports this module
+    from ..build import build_detector  # detection.build imports detection.weights, which imports this module
 
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = build_detector(base, ["model.backbone.weights=null", "model.weights=null"] + overrides)

@@ -29,7 +29,7 @@ from backbones.weights import load_state_dict, read_weights, save_weights
 from engine import distributed as dist
 from engine.checkpoint import Checkpointer, safe_torch_load
 from engine.config import save_config
-from engine.data.imagefolder import ImageFolder, build_cls_transform, class_folders
+from backbones.classification.imagefolder import ImageFolder, build_cls_transform, class_folders
 from engine.data.paths import require_path
 from engine.data.samplers import EpochBatchSampler
 from engine.device import memory_format, pin_memory, setup_device

@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.errors import ExportError
 
-from .structures import ImageBatch
+from ..structures import ImageBatch
 
 FORMATS = ("onnx", "torchscript")
 OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -284,7 +284,7 @@ def read_images(paths: Sequence[str]) -> List[Tuple[str, torch.Tensor]]:
     """(name, (3, H, W) uint8) for image files and the images in folders."""
     from engine.data.decode import read_image
 
-    from .inference import list_images
+    from ..inference import list_images
 
     files = list_images(paths)
     if not files:

@@ -169,7 +169,7 @@ def _concat(sets: Sequence[ImageSet]) -> ImageSet:
 def _load_cifar_imagefolder(path: str) -> DegradationData:
     import albumentations as A
 
-    from engine.data.imagefolder import ImageFolder
+    from backbones.classification.imagefolder import ImageFolder
 
     # Decoding through the project's reader; images of another size are resized to the CIFAR 32x32.
     resize = A.Compose([A.Resize(CIFAR_SIZE, CIFAR_SIZE)])

@@ -17,11 +17,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from engine.benchmark import Side
 from engine.config import as_config
 from engine.errors import ConfigError
 
-from .build import build_detector, load_detector_weights
+from ..build import build_detector
+from ..weights import load_detector_weights
+from .harness import Side
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -89,7 +90,7 @@ def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str
     (configs/torchvision/*.yaml)."""
     from torchvision.models import detection
 
-    from .weights import TORCHVISION_BUILDERS, to_torchvision_detector
+    from ..conversion.torchvision import TORCHVISION_BUILDERS, to_torchvision_detector
 
     ours = our_detector(config, overrides, weights, seed, memory_format)
     cfg = as_config(config, list(overrides) + ([] if weights else ["test.score_thresh=0.0"]))
@@ -262,7 +263,7 @@ def setup_eval(impl: str, num_images: int, seed: int) -> Callable[[], object]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from .evaluation.coco_eval import evaluate_coco
+    from ..evaluation.coco_eval import evaluate_coco
 
     dataset, detections = synthetic_coco(num_images, seed)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -311,12 +312,12 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
     import statistics
     import time
 
-    from engine.benchmark import Report, SideResult, synchronize, time_call
+    from .harness import Report, SideResult, synchronize, time_call
     from engine.solver import build_optimizer
     from engine.trainer import Trainer
 
-    from .data.build import build_detection_train_loader
-    from .train import _fill_categories, detection_step
+    from ..data.build import build_detection_train_loader
+    from ..train import _fill_categories, detection_step
 
     loader = build_detection_train_loader(cfg)
     _fill_categories(cfg, loader.dataset)

@@ -14,9 +14,9 @@ import torchvision
 
 from backbones.build import build_classifier, build_model
 from detection.data.synthetic import make_crops
-from engine import classification
+from backbones.classification import train as classification
 from engine.checkpoint import LAST_CHECKPOINT, Checkpointer
-from engine.classification import (build_cls_datasets, build_cls_train_loader, classification_step, cls_transform,
+from backbones.classification.train import (build_cls_datasets, build_cls_train_loader, classification_step, cls_transform,
                                    evaluate_only, train_classifier)
 from engine.config import Config, load_config
 from engine.ema import ModelEMA

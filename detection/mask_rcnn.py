@@ -1,15 +1,26 @@
-"""Mask R-CNN's RoI heads: Faster R-CNN's box branch plus the mask branch on the same features. In
-training the mask branch sees the sampled positive RoIs (the boxes as proposed, not as regressed); at
-inference it runs on the final detections, and each gets the probabilities of its predicted class."""
+"""Mask R-CNN (He et al. 2017): Faster R-CNN whose RoI heads also predict a mask per detection.
+
+Same contract as torchvision's `MaskRCNN`: in training `model(images, targets)` with `masks` (N, H, W)
+uint8 in each target returns the losses, `loss_mask` included; in evaluation each image's dict also has
+`masks` (N, 1, H, W) float probabilities in [0, 1] at the input image's size.
+
+The mask parts (head, targets, loss, pasting) are `segmentation`'s, which needs nothing of `detection`;
+this module composes them with the box heads, as torchvision and Detectron2 keep masks beside them.
+
+Its RoI heads are Faster R-CNN's box branch plus the mask branch on the same features. In training the
+mask branch sees the sampled positive RoIs (the boxes as proposed, not as regressed); at inference it
+runs on the final detections, and each gets the probabilities of its predicted class."""
 from typing import Dict
 
 import torch
 
 from backbones.base import ShapeSpec
-from detection.poolers import MultiScaleRoIAlign
-from detection.roi_heads import RoIHeads
+from segmentation.mask_head import MaskHead, mask_loss, mask_targets
+from segmentation.paste import paste_masks
 
-from .mask_head import MaskHead, mask_loss, mask_targets
+from .poolers import MultiScaleRoIAlign
+from .rcnn import FasterRCNN
+from .roi_heads import RoIHeads
 
 
 class MaskRoIHeads(RoIHeads):
@@ -46,4 +57,16 @@ class MaskRoIHeads(RoIHeads):
         parts = (probs,) if len(detections) == 1 else probs.split([len(d["boxes"]) for d in detections])
         for d, p in zip(detections, parts):
             d["masks"] = p
+        return detections
+
+
+class MaskRCNN(FasterRCNN):
+    def __init__(self, *args, paste_mode: str = "torchvision", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paste_mode = paste_mode  # segmentation.paste.PASTE_MODES
+
+    def postprocess(self, detections, image_sizes, original_sizes):
+        detections = super().postprocess(detections, image_sizes, original_sizes)
+        for d, size in zip(detections, original_sizes):
+            d["masks"] = paste_masks(d["masks"], d["boxes"], size, mode=self.paste_mode)
         return detections

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.imagefolder import ImageFolder, build_cls_transform
+from backbones.classification.imagefolder import ImageFolder, build_cls_transform
 from engine.data.samplers import EpochBatchSampler, seed_compose
 from engine.errors import DatasetError
 
@@ -108,7 +108,7 @@ def test_skip_bad_images_counts_warns_and_returns_next(tmp_path, caplog):
     (root / "a" / "1.png").write_bytes(b"")
     ds = ImageFolder(root, skip_bad_images=True)
     assert [p.split("/")[-1] for p, _ in ds.samples] == ["0.png", "1.png", "0.png"]
-    with caplog.at_level(logging.WARNING, logger="engine.data.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="backbones.classification.imagefolder"):
         image, label = ds[1]
     assert label == 1  # sample 2, the next readable one
     assert ds.num_skipped == 1

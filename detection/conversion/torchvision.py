@@ -1,0 +1,122 @@
+"""torchvision detection checkpoints <-> ours. Key tables in the format of `backbones.weights`."""
+from typing import Dict
+
+import torch
+
+from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys, key_list,
+                               from_torchvision_resnet, to_torchvision_resnet)
+from engine.errors import CheckpointError
+
+# ResNet body under "backbone.body." (theirs) / "backbone.bottom_up." (ours), minus the classifier.
+_BODY = [(f"backbone.body.{tv}", f"backbone.bottom_up.{ours}") for tv, ours in TORCHVISION_RESNET_KEYS
+         if not tv.startswith("fc.")]
+
+# Where several rules name the same key of ours, the first is torchvision's current layout: `convert_keys`
+# takes the first rule that matches, so `reverse=True` writes the current layout.
+TORCHVISION_DETECTION_KEYS = _BODY + [
+    ("backbone.fpn.inner_blocks.{i}.0.", "backbone.lateral_convs.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.0.", "backbone.output_convs.{i}."),
+    # Checkpoints saved before torchvision wrapped these convolutions in Conv2dNormActivation.
+    ("backbone.fpn.inner_blocks.{i}.", "backbone.lateral_convs.{i}."),
+    ("backbone.fpn.layer_blocks.{i}.", "backbone.output_convs.{i}."),
+    ("rpn.head.conv.0.0.", "rpn.head.conv."),
+    ("rpn.head.conv.", "rpn.head.conv."),
+    ("rpn.head.cls_logits.", "rpn.head.objectness."),
+    ("rpn.head.bbox_pred.", "rpn.head.deltas."),
+    ("roi_heads.box_head.fc6.", "roi_heads.box_head.fc1."),
+    ("roi_heads.box_head.fc7.", "roi_heads.box_head.fc2."),
+    ("roi_heads.box_predictor.", "roi_heads.predictor."),
+    # Mask R-CNN: torchvision's mask_head.{s}.0 (Conv2dNormActivation; .1 its norm) are our fcn{r}/norm{r},
+    # r = s + 1; checkpoints from before that wrapper name them mask_fcn{r}.
+    ("roi_heads.mask_head.{s}.0.", "roi_heads.mask_head.fcn{r}."),
+    ("roi_heads.mask_head.{s}.1.", "roi_heads.mask_head.norm{r}."),
+    ("roi_heads.mask_head.mask_fcn{r}.", "roi_heads.mask_head.fcn{r}."),
+    ("roi_heads.mask_predictor.conv5_mask.", "roi_heads.mask_head.deconv."),
+    ("roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_head.predictor."),
+]
+
+
+# torchvision's detectors built without weights use BatchNorm2d, which keeps a step counter; built around
+# pretrained weights they use FrozenBatchNorm2d, which drops one on load. Ours freeze their norms.
+_COUNTER = ".num_batches_tracked"
+_COUNTERS_IN = "BatchNorm step counters (our detectors' FrozenBN keeps none; they do not change outputs)"
+_COUNTERS_OUT = ("BatchNorm step counters, zero (torchvision's model built without weights has BatchNorm2d, "
+                 "which keeps one; its FrozenBatchNorm2d drops them on load)")
+
+
+def from_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A torchvision Faster/Mask R-CNN R50-FPN state dict (either layout) in our names, less `_COUNTER`s."""
+    if "backbone.body.conv1.weight" not in state_dict:
+        raise CheckpointError("not a torchvision detection state dict (no 'backbone.body.conv1.weight'); "
+                              f"keys start with {sorted(state_dict)[:5]}")
+    weights = {k: v for k, v in state_dict.items() if not k.endswith(_COUNTER)}
+    converted, skipped = convert_keys(weights, TORCHVISION_DETECTION_KEYS)
+    if skipped:
+        raise CheckpointError(f"torchvision detection keys that no rule converts: {skipped[:10]}")
+    return converted
+
+
+def from_torchvision(state_dict) -> Conversion:
+    """A torchvision ResNet classifier or detector, whichever the keys say it is."""
+    if "backbone.body.conv1.weight" in state_dict:
+        counters = [k for k in state_dict if k.endswith(_COUNTER)]
+        return Conversion(from_torchvision_detector(state_dict), "torchvision's detector",
+                          skipped={_COUNTERS_IN: counters} if counters else {})
+    return Conversion(from_torchvision_resnet(state_dict), "torchvision's ResNet")
+
+
+# torchvision's builder of the detector our R50-FPN model matches, by whether it has masks.
+TORCHVISION_BUILDERS = {False: "fasterrcnn_resnet50_fpn", True: "maskrcnn_resnet50_fpn"}
+
+
+def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, torch.Tensor]:
+    """The state dict of torchvision's `builder`(weights=None, ...) as shapes only (meta tensors)."""
+    from torchvision.models import detection  # 2 s to import; only this conversion needs it
+
+    with torch.device("meta"):
+        model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
+    return model.state_dict()
+
+
+def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
+    """Our R50-FPN Faster R-CNN or Mask R-CNN in torchvision's current names: loads with strict=True into
+    fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K)."""
+    kind = "Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state_dict) else "Faster R-CNN"
+    classifier = state_dict.get("roi_heads.predictor.cls_score.weight")
+    if classifier is None:
+        raise CheckpointError(f"our {kind} without 'roi_heads.predictor.cls_score.weight': torchvision's "
+                              "detectors need a box classifier of that name")
+    builder = TORCHVISION_BUILDERS[kind == "Mask R-CNN"]
+    target = f"torchvision's {builder}(weights=None, weights_backbone=None, num_classes={len(classifier)})"
+    # torchvision's model in our names, so that every problem is named as the file names it.
+    expected, _ = convert_keys(_torchvision_detector_shapes(builder, len(classifier)), TORCHVISION_DETECTION_KEYS)
+    source = f"our {kind}, converted for {target},"
+    fit = check_fit(expected, state_dict, source)  # a shape mismatch is an error naming every one
+    problems = [f"{len(keys)} {what}: {key_list(keys, 10)}" for what, keys in
+                [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
+                if keys]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model, the ResNet-50-FPN detector torchvision builds "
+                              "(3 anchors a location, 2-fc box head, 4-conv mask head without norm, a mask a "
+                              "class): " + "; ".join(problems))
+    counters = [k for k in expected if k.endswith(_COUNTER) and k not in state_dict]
+    ordered = {k: state_dict[k] if k in state_dict else torch.zeros((), dtype=torch.long) for k in expected}
+    converted, _ = convert_keys(ordered, TORCHVISION_DETECTION_KEYS, reverse=True)
+    return Conversion(converted, f"our {kind}, loadable with strict=True into {target}",
+                      added={_COUNTERS_OUT: counters} if counters else {})
+
+
+def to_torchvision(state_dict) -> Conversion:
+    """Our detector or ResNet classifier in torchvision's names, whichever the keys say it is."""
+    if any(k.startswith("backbone.bottom_up.") for k in state_dict):
+        return to_torchvision_detector(state_dict)
+    if any(k.startswith(("stem.", "res2.")) for k in state_dict):
+        return Conversion(to_torchvision_resnet(state_dict), "our ResNet classifier")
+    if "backbone.body.conv1.weight" in state_dict or "layer1.0.conv1.weight" in state_dict:
+        found = "it is in torchvision's names already (convert it with --from torchvision)"
+    else:
+        found = f"its keys start with {sorted(state_dict)[:5]}"
+    raise CheckpointError("neither our detector ('backbone.bottom_up.' keys) nor our ResNet classifier "
+                          f"('stem.', 'res2.' keys): {found}")
+
+
