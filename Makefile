@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Every install goes through constraints.txt: the exact versions the suite was run with (README, Installing).
+# Every install goes through constraints.txt: the exact versions the suite was run with (docs/getting_started.md, Install).
 CONSTRAINTS := constraints.txt
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install -q -c $(CONSTRAINTS)
@@ -30,7 +30,7 @@ demo: $(VENV)/.stamp-base
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q tests
 
-# The fast subset while iterating: everything but the end-to-end runs (README, Quickstart).
+# The fast subset while iterating: everything but the end-to-end runs (docs/getting_started.md, Quickstart).
 test-fast: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["backbones*", "detection*", "segmentation*", "engine*"]),
     # Ranges for people who import the library; an upper bound wherever the next major release has not been
-    # tested. The exact versions the suite runs with are in constraints.txt (README, Installing).
+    # tested. The exact versions the suite runs with are in constraints.txt (docs/getting_started.md, Install).
     install_requires=[
         "torch>=2.1,<3",
         "torchvision>=0.16,<1",

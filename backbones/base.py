@@ -18,10 +18,13 @@ class ShapeSpec:
 class Backbone(nn.Module):
     """A module mapping images (N, 3, H, W) to an ordered dict of named feature maps."""
 
+    __jit_unused_properties__ = ["size_divisibility"]  # Python-side information; torch.jit.script skips it
+
     def output_shape(self) -> Dict[str, ShapeSpec]:
         raise NotImplementedError
 
     @property
     def size_divisibility(self) -> int:
         """Inputs padded to a multiple of this give feature maps that align exactly across levels."""
-        return max(spec.stride for spec in self.output_shape().values())
+        # 1 for a classifier (no feature maps): it pools globally, so any size fits.
+        return max((spec.stride for spec in self.output_shape().values()), default=1)

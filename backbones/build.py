@@ -2,16 +2,14 @@
 and each `model.fpn.*` key the FPN argument of the same name.
 """
 import logging
-import os
 import shlex
 from pathlib import Path
 
 from engine.errors import CheckpointError, ConfigError
 
-from .checkpoint_kind import checkpoint_kind
 from .fpn import FPN
 from .resnet import ResNet
-from .weights import from_torchvision_resnet, load_state_dict, read_weights
+from .weights import Accepts, from_torchvision_resnet, load_weights
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -41,25 +39,29 @@ def missing_backbone_file(path: str, depth: int) -> CheckpointError:
         "file: give it with --weights or model.weights")
 
 
+# model.backbone.weights: ImageNet weights, ours or torchvision's (converted on the fly), with or without the
+# classifier.
+BACKBONE_WEIGHTS = Accepts(
+    "a ResNet classifier or backbone",
+    {("ours", "classifier"): None, ("ours", "resnet"): None,
+     ("torchvision", "classifier"): from_torchvision_resnet, ("torchvision", "resnet"): from_torchvision_resnet},
+    model="ResNet",
+    elsewhere=dict.fromkeys(("faster_rcnn", "mask_rcnn", "backbone"),
+                            " (a detector's checkpoint goes in model.weights)"))
+# A classifier's model.weights: the whole classifier.
+CLASSIFIER_WEIGHTS = Accepts(
+    "a ResNet classifier",
+    {("ours", "classifier"): None, ("torchvision", "classifier"): from_torchvision_resnet},
+    model="ResNet",
+    elsewhere={"resnet": " (ImageNet weights for fine-tuning go in model.backbone.weights)"})
+
+
 def load_backbone_weights(resnet: ResNet, path: str):
     """ImageNet weights into a ResNet: ours, or torchvision's names (converted on the fly). Another kind
-    of file (a detector, or weights another converter handles) is refused, saying what it is."""
-    if not os.path.isfile(path):
-        raise missing_backbone_file(path, resnet.depth)
-    state = read_weights(path)
-    kind = checkpoint_kind(state)
-    if kind.source == "torchvision" and kind.model in ("classifier", "resnet"):
-        state = from_torchvision_resnet(state)
-    elif kind.source != "ours" or kind.model not in ("classifier", "resnet"):
-        where = (" (a detector's checkpoint goes in model.weights)"
-                 if kind.source in ("ours", "torchvision") and (kind.is_detector or kind.model == "backbone") else "")
-        raise CheckpointError(f"model.backbone.weights={path} is {kind.description}, not a ResNet "
-                              f"classifier or backbone{where}{kind.hint()}")
-    if not any(k in state for k in resnet.state_dict()):
-        raise CheckpointError(f"model.backbone.weights={path} has no tensor this ResNet uses: it is "
-                              f"{kind.description}")
-    # Logs what was loaded, and names what was not (a classifier's fc.*, tensors left at initialisation).
-    return load_state_dict(resnet, state, source=f"model.backbone.weights={path}")
+    of file (a detector, or weights another converter handles) is refused, saying what it is. Logs what was
+    loaded, and names what was not (a classifier's fc.*, tensors left at initialisation)."""
+    return load_weights(resnet, path, "model.backbone.weights", BACKBONE_WEIGHTS,
+                        missing_file=missing_backbone_file(path, resnet.depth))
 
 
 def build_resnet(cfg, num_classes, out_features=None, init_weights: bool = True) -> ResNet:
@@ -77,16 +79,7 @@ def build_classifier(cfg) -> ResNet:
     # model.weights is the whole classifier: model.backbone.weights is not opened then.
     model = build_resnet(cfg, cfg["model"]["num_classes"], init_weights=not path)
     if path:
-        state = read_weights(path)
-        kind = checkpoint_kind(state)
-        if kind.source == "torchvision" and kind.model == "classifier":
-            state = from_torchvision_resnet(state)
-        elif kind.source != "ours" or kind.model != "classifier":
-            where = (" (ImageNet weights for fine-tuning go in model.backbone.weights)"
-                     if kind.model == "resnet" and kind.source in ("ours", "torchvision") else "")
-            raise CheckpointError(f"model.weights={path} is {kind.description}, not a ResNet classifier"
-                                  f"{where}{kind.hint()}")
-        load_state_dict(model, state, source=f"model.weights={path}")
+        load_weights(model, path, "model.weights", CLASSIFIER_WEIGHTS)
     return model
 
 

@@ -9,6 +9,7 @@ import math
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,7 +45,10 @@ class LastLevelMaxPool(nn.Module):
     """P6 by stride-2 subsampling of P5 (Faster/Mask R-CNN with FPN: anchors of 512^2 on P6)."""
 
     names = ("pool",)
-    uses_bottom_up = False
+
+    def __init__(self):
+        super().__init__()
+        self.uses_bottom_up = False  # an instance attribute: TorchScript reads no class attributes
 
     def forward(self, x):
         return [F.max_pool2d(x, kernel_size=1, stride=2, padding=0)]
@@ -114,24 +118,31 @@ class FPN(Backbone):
             names += list(self.top_block.names)
             out_strides += [strides[-1] * 2 ** (k + 1) for k in range(len(self.top_block.names))]
         self._shapes = OrderedDict((n, ShapeSpec(out_channels, s)) for n, s in zip(names, out_strides))
+        self.out_names = names
         # FPN paper: level index = log2(stride), e.g. P2 at stride 4.
         self.levels = {n: int(math.log2(s)) for n, s in zip(names, out_strides)}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return dict(self._shapes)
 
-    def forward(self, images):
+    def forward(self, images) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(images)
-        bottom = [features[f] for f in self.in_features]
-        inner = self.lateral_convs[-1](bottom[-1])
-        results = [self.output_convs[-1](inner)]
-        for i in range(len(bottom) - 2, -1, -1):
-            lateral = self.lateral_convs[i](bottom[i])
+        # The laterals, then the top-down pass, then the output convolutions, each replacing its level's
+        # entry (so no level's map outlives its use): TorchScript iterates a ModuleList in order only and
+        # never indexes one with a variable.
+        maps = []
+        for i, conv in enumerate(self.lateral_convs):
+            maps.append(conv(features[self.in_features[i]]))
+        for i in range(len(maps) - 2, -1, -1):
             # Upsample to the lateral's exact size, so inputs of any size (not only multiples of the
             # coarsest stride) work.
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            results.insert(0, self.output_convs[i](inner))
+            maps[i] = maps[i] + F.interpolate(maps[i + 1], size=maps[i].shape[-2:], mode="nearest")
+        for i, conv in enumerate(self.output_convs):
+            maps[i] = conv(maps[i])
         if self.top_block is not None:
-            source = bottom[-1] if self.top_block.uses_bottom_up else results[-1]
-            results.extend(self.top_block(source))
-        return OrderedDict(zip(self._shapes, results))
+            source = features[self.in_features[-1]] if self.top_block.uses_bottom_up else maps[-1]
+            maps.extend(self.top_block(source))
+        out = OrderedDict()
+        for name, result in zip(self.out_names, maps):
+            out[name] = result
+        return out

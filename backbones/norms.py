@@ -7,8 +7,10 @@ reference detectors freeze BN into a fixed affine transform (FrozenBN) or synchr
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import all_reduce_sum_differentiable as all_reduce, world_size
 from engine.errors import ConfigError
 
 NORMS = ("BN", "FrozenBN", "SyncBN", "GN")
@@ -81,46 +83,68 @@ def fixed_affine(norm: nn.Module):
     return None
 
 
-_FOLD = [True]  # see unfolded_norms
+class FoldsNorms:
+    """A module whose Conv2d -> norm pairs run as `conv_norm`. Folding is the module's own switch,
+    `fold_norms` (on by default), set for a whole model by `set_norm_folding` or `unfolded_norms`."""
+
+    fold_norms: bool = True
+
+
+def set_norm_folding(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn folding on or off in every FoldsNorms module of `model` (`model` itself included)."""
+    for module in model.modules():
+        if isinstance(module, FoldsNorms):
+            module.fold_norms = enabled
+    return model
 
 
 @contextlib.contextmanager
-def unfolded_norms():
-    """Within the block, `conv_norm` runs the norm after the convolution as it is written, never folded:
-    the arithmetic of frameworks that do not fold (torchvision, Detectron2), to the last bit, for tests
-    that compare with them exactly."""
-    _FOLD[0] = False
+def unfolded_norms(model: nn.Module):
+    """Within the block, `model` runs each norm after its convolution as it is written, never folded: the
+    arithmetic of frameworks that do not fold (torchvision, Detectron2), to the last bit, for tests that
+    compare with them exactly. Each module's own setting comes back afterwards."""
+    saved = [(m, m.fold_norms) for m in model.modules() if isinstance(m, FoldsNorms)]
+    set_norm_folding(model, False)
     try:
-        yield
+        yield model
     finally:
-        _FOLD[0] = True
+        for module, fold in saved:
+            module.fold_norms = fold
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(conv(x)). Where the norm is a fixed affine map (FrozenBN, BN in eval mode) it is folded into the
-    convolution's weights and bias: one pass over the output instead of three (conv, multiply, add), in
-    the forward pass and in the backward pass, and no extra activation kept for the gradient. The result
-    is the same up to float rounding; when the convolution trains, its gradient is the folded weight's
-    times the scale, the same gradient (`unfolded_norms` turns folding off)."""
-    if _FOLD[0]:
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, fold: bool = True) -> torch.Tensor:
+    """norm(conv(x)). Where the norm is a fixed affine map (FrozenBN, BN in eval mode) and `fold` is on, it
+    is folded into the convolution's weights and bias: one pass over the output instead of three (conv,
+    multiply, add), in the forward pass and in the backward pass, and no extra activation kept for the
+    gradient. The result is the same up to float rounding; when the convolution trains, its gradient is
+    the folded weight's times the scale, the same gradient."""
+    # A padding mode other than zeros pads the input before the convolution (nn.Conv2d does that itself):
+    # such a convolution runs unfolded rather than repeat its padding here.
+    if fold and conv.padding_mode == "zeros":
         affine = fixed_affine(norm)
         if affine is not None:
             scale, shift = affine
             weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
             bias = shift if conv.bias is None else conv.bias * scale + shift
-            return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+            return F.conv2d(x, weight, bias.to(conv.weight.dtype), conv.stride, conv.padding, conv.dilation,
+                            conv.groups)
     return norm(conv(x))
 
 
-class FoldedSequential(nn.Sequential):
+class FoldedSequential(FoldsNorms, nn.Sequential):
     """nn.Sequential whose Conv2d -> norm pairs run as `conv_norm` (same modules, same state dict keys)."""
 
     def forward(self, x):
+        if torch.jit.is_scripting():
+            # TorchScript passes no modules to functions: there, each module in turn, norms unfolded.
+            for module in self:
+                x = module(x)
+            return x
         modules = list(self)
         i = 0
         while i < len(modules):
             if isinstance(modules[i], nn.Conv2d) and i + 1 < len(modules):
-                x = conv_norm(modules[i], modules[i + 1], x)
+                x = conv_norm(modules[i], modules[i + 1], x, self.fold_norms)
                 i += 2
             else:
                 x = modules[i](x)
@@ -141,8 +165,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, x):
-        from engine.distributed import all_reduce_sum_differentiable as all_reduce, world_size
-
         if not self.training or world_size() == 1:
             return super().forward(x)
         if x.device.type != "cpu":

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DatasetError
 
 from .base import Backbone, ShapeSpec
-from .norms import FoldedSequential, FrozenBatchNorm2d, conv_norm, get_norm
+from .norms import FoldedSequential, FoldsNorms, FrozenBatchNorm2d, conv_norm, get_norm
 
 SHORTCUTS = ("A", "B", "C")
 STEM_TYPES = ("basic", "deep")
@@ -38,7 +38,7 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
 
 
-class Projection(nn.Module):
+class Projection(FoldsNorms, nn.Module):
     """Options B and C: a strided 1x1 convolution and a norm (Eq. 2, W_s).
 
     With `avg_down`, a 2x2 average pool does the striding and the 1x1 has stride 1 (ResNet-D, He et al.
@@ -56,7 +56,9 @@ class Projection(nn.Module):
     def forward(self, x):
         if self.pool is not None:
             x = self.pool(x)
-        return conv_norm(self.conv, self.norm, x)
+        if torch.jit.is_scripting():  # TorchScript passes no modules to functions: unfolded there
+            return self.norm(self.conv(x))
+        return conv_norm(self.conv, self.norm, x, self.fold_norms)
 
 
 def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_groups, avg_down=False):
@@ -73,7 +75,7 @@ def make_shortcut(in_channels, out_channels, stride, shortcut, plain, norm, num_
     return None
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(FoldsNorms, nn.Module):
     """Two 3x3 convolutions (Fig. 5 left); used by ResNet-18/34 and the CIFAR networks."""
 
     expansion = 1
@@ -101,14 +103,18 @@ class BasicBlock(nn.Module):
         return self.norm2
 
     def forward(self, x):
-        out = F.relu(conv_norm(self.conv1, self.norm1, x), inplace=True)
-        out = conv_norm(self.conv2, self.norm2, out)
+        if torch.jit.is_scripting():  # TorchScript passes no modules to functions: unfolded there
+            out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+            out = self.norm2(self.conv2(out))
+        else:
+            out = F.relu(conv_norm(self.conv1, self.norm1, x, self.fold_norms), inplace=True)
+            out = conv_norm(self.conv2, self.norm2, out, self.fold_norms)
         if not self.plain:
             out += x if self.shortcut is None else self.shortcut(x)  # in place: no new activation
         return F.relu(out, inplace=True)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(FoldsNorms, nn.Module):
     """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand (Fig. 5 right); ResNet-50 and deeper.
 
     `stride_in_1x1=True` puts the stride in the first 1x1 as the original MSRA/Caffe2 models do;
@@ -142,9 +148,14 @@ class Bottleneck(nn.Module):
         return self.norm3
 
     def forward(self, x):
-        out = F.relu(conv_norm(self.conv1, self.norm1, x), inplace=True)
-        out = F.relu(conv_norm(self.conv2, self.norm2, out), inplace=True)
-        out = conv_norm(self.conv3, self.norm3, out)
+        if torch.jit.is_scripting():  # TorchScript passes no modules to functions: unfolded there
+            out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+            out = F.relu(self.norm2(self.conv2(out)), inplace=True)
+            out = self.norm3(self.conv3(out))
+        else:
+            out = F.relu(conv_norm(self.conv1, self.norm1, x, self.fold_norms), inplace=True)
+            out = F.relu(conv_norm(self.conv2, self.norm2, out, self.fold_norms), inplace=True)
+            out = conv_norm(self.conv3, self.norm3, out, self.fold_norms)
         if not self.plain:
             out += x if self.shortcut is None else self.shortcut(x)  # in place: no new activation
         return F.relu(out, inplace=True)
@@ -212,7 +223,7 @@ def check_images(x, in_channels: int, who: str):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who} expects a tensor of images (N, {in_channels}, H, W), got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"{who} expects images of shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
+        raise DatasetError(f"{who} expects images of shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
 
 
 def freeze_module(module: nn.Module) -> nn.Module:
@@ -315,23 +326,25 @@ class ResNet(Backbone):
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {name: self._shapes[name] for name in self.out_features}
 
-    def forward_features(self, x) -> "OrderedDict[str, torch.Tensor]":
-        check_images(x, self.in_channels, type(self).__name__)
+    def forward_features(self, x) -> Dict[str, torch.Tensor]:
+        if not torch.jit.is_scripting():  # TorchScript has no type(self).__name__; the model is checked eager
+            check_images(x, self.in_channels, type(self).__name__)
         outputs = OrderedDict()
-        x = self.stem(x)
-        if "stem" in self.out_features:
-            outputs["stem"] = x
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            if name in self.out_features:
-                outputs[name] = x
+        # named_children, not getattr(self, name): TorchScript unrolls a loop over the children only.
+        for name, module in self.named_children():
+            if name == "stem" or name in self.stage_names:
+                x = module(x)
+                if name in self.out_features:
+                    outputs[name] = x
         return outputs
 
     def forward(self, x):
         if self.num_classes is None:
             return self.forward_features(x)
-        check_images(x, self.in_channels, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_images(x, self.in_channels, type(self).__name__)
         x = self.stem(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        for name, module in self.named_children():
+            if name in self.stage_names:
+                x = module(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from engine.checkpoint import atomic_torch_save, safe_torch_load, verify_checksu
 from engine.errors import CheckpointError
 from engine.pickles import restricted_load
 
+from .checkpoint_kind import Kind, checkpoint_kind
 from .resnet import DEPTHS, STAGE_NAMES, BasicBlock, Bottleneck, ResNet
 
 logger = logging.getLogger(__name__)
@@ -281,12 +282,63 @@ def check_fit(own: Dict[str, torch.Tensor], state_dict, source: str = "weights")
     )
 
 
-def load_state_dict(module: nn.Module, state_dict, source: str = "weights") -> LoadReport:
-    """Load what fits, report the rest by name, and refuse shape mismatches (naming every one)."""
+def load_state_dict(module: nn.Module, state_dict, source: str = "weights", complete: str = "") -> LoadReport:
+    """Load what fits, report the rest by name, and refuse shape mismatches (naming every one).
+    `complete`: the state dict must hold every tensor of the module and no other; anything else is an error
+    naming the tensors, before anything is loaded, and ending with this text (why, and what to do)."""
     report = check_fit(module.state_dict(), state_dict, source)
+    if complete and (report.missing or report.unexpected):
+        problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
+            ("of the model's tensors are not in it", report.missing),
+            ("of its tensors have no place in the model", report.unexpected)) if keys]
+        raise CheckpointError(f"{source} does not cover the model: " + "; ".join(problems) + f". {complete}")
     module.load_state_dict(state_dict, strict=False)
     logger.info("%s: %s", source, report.summary())
     return report
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What one setting (model.backbone.weights, a classifier's model.weights, a detector's --weights) takes:
+    the kinds of file, as `checkpoint_kind` tells them, each with its converter to our names (None: in our
+    names already). A file of another kind is refused, saying what it is, what the setting takes, where such a
+    file goes instead and how to convert it."""
+    expected: str  # "a ResNet classifier", for the refusal
+    converters: Dict[Tuple[str, str], Optional[Callable]]  # (kind.source, kind.model) -> converter
+    model: str = "model"  # "ResNet": "{setting}={path} has no tensor this ResNet uses"
+    # kind.model of a file of ours or torchvision's -> where that file goes, for the refusal
+    elsewhere: Dict[str, str] = field(default_factory=dict)
+
+    def refusal(self, name: str, kind: Kind) -> CheckpointError:
+        where = self.elsewhere.get(kind.model, "") if kind.source in ("ours", "torchvision") else ""
+        return CheckpointError(f"{name} is {kind.description}, not {self.expected}{where}{kind.hint()}")
+
+
+def load_weights(module: nn.Module, path: str, setting: str, accepts: Accepts, *,
+                 missing_file: Optional[CheckpointError] = None, adapt=None, complete: str = "") -> LoadReport:
+    """The one loading sequence of every weights setting: read `path` (given as `setting`), tell its kind,
+    convert it to our names or refuse it (`accepts`), check that it fits `module` (a shape mismatch is an
+    error naming every one), load it and log what was loaded and what was not.
+
+    `missing_file`: the error for a path that is not a file (default: "{setting}={path} not found").
+    `adapt(state_dict, kind, own_state_dict)`: the caller's rules between conversion and loading (a
+    detector's class count and mask head); returns the state dict to load.
+    `complete`: as in `load_state_dict`, for weights used as they are."""
+    name = f"{setting}={path}"
+    if not os.path.isfile(path):
+        raise missing_file or CheckpointError(f"{name} not found")
+    state = read_weights(path)
+    kind = checkpoint_kind(state)
+    if (kind.source, kind.model) not in accepts.converters:
+        raise accepts.refusal(name, kind)
+    convert = accepts.converters[kind.source, kind.model]
+    state = convert(state) if convert else state
+    own = module.state_dict()
+    if adapt:
+        state = adapt(state, kind, own)
+    if not any(k in own for k in state):
+        raise CheckpointError(f"{name} has no tensor this {accepts.model} uses: it is {kind.description}")
+    return load_state_dict(module, state, name, complete)
 
 
 @dataclass
@@ -297,6 +349,9 @@ class Conversion:
     what: str = ""
     skipped: Dict[str, List[str]] = field(default_factory=dict)  # reason -> input keys not written
     added: Dict[str, List[str]] = field(default_factory=dict)  # reason -> written keys the input lacks
+    # The config file (relative to the repository) and overrides that build the model the tensors are for, where
+    # the converter names one: detection.conversion.check.check_config_fit builds it to see that they fit.
+    config: Tuple[str, ...] = ()
 
     def summary(self, source: str, target: str) -> str:
         """One line of counts, then one line per reason naming every skipped key (added ones are counted)."""
@@ -310,15 +365,18 @@ class Conversion:
         return "\n".join(lines)
 
 
-def convert_file(in_path: str, out_path: str, converter, into_project_format: bool) -> Conversion:
+def convert_file(in_path: str, out_path: str, converter, into_project_format: bool, verify=None) -> Conversion:
     """Read `in_path`, rename its keys with `converter` (which returns a state dict or a `Conversion`),
-    write `out_path`: in the project's checkpoint format, or as the bare state dict other frameworks expect."""
+    `verify(conversion)` where given (raising CheckpointError, so that nothing is written), and write
+    `out_path`: in the project's checkpoint format, or as the bare state dict other frameworks expect."""
     try:
         conversion = converter(read_weights(in_path))
+        if not isinstance(conversion, Conversion):
+            conversion = Conversion(conversion)
+        if verify:
+            verify(conversion)
     except CheckpointError as e:
         raise CheckpointError(f"{in_path}: {e}") from None
-    if not isinstance(conversion, Conversion):
-        conversion = Conversion(conversion)
     if into_project_format:
         save_weights(out_path, conversion.state_dict, {"source": os.path.basename(in_path)})
     else:

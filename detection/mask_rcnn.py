@@ -10,11 +10,9 @@ this module composes them with the box heads, as torchvision and Detectron2 keep
 Its RoI heads are Faster R-CNN's box branch plus the mask branch on the same features. In training the
 mask branch sees the sampled positive RoIs (the boxes as proposed, not as regressed); at inference it
 runs on the final detections, and each gets the probabilities of its predicted class."""
-from typing import Dict
-
 import torch
 
-from backbones.base import ShapeSpec
+from engine.errors import DatasetError
 from segmentation.mask_head import MaskHead, mask_loss, mask_targets
 from segmentation.paste import paste_masks
 
@@ -24,21 +22,21 @@ from .roi_heads import RoIHeads
 
 
 class MaskRoIHeads(RoIHeads):
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, mask_input_shape: Dict[str, ShapeSpec],
-                 mask_pooler_resolution: int = 14, mask_sampling_ratio: int = 2, mask_num_conv: int = 4,
-                 mask_conv_dim: int = 256, mask_norm: str = "", class_agnostic_masks: bool = False, **kwargs):
-        super().__init__(input_shape, **kwargs)
-        p = self.pooler
-        self.mask_pooler = MultiScaleRoIAlign(mask_input_shape, mask_pooler_resolution, mask_sampling_ratio,
-                                              p.aligned, p.canonical_box_size, p.canonical_level,
-                                              p.level_formula)
-        channels = next(iter(mask_input_shape.values())).channels
-        self.mask_head = MaskHead(channels, self.num_classes, mask_num_conv, mask_conv_dim, mask_norm,
-                                  class_agnostic_masks)
+    """`RoIHeads` (whose keyword arguments it takes) plus the mask branch: `mask_head` on the
+    `mask_pooler`'s features. `aligned_mask_targets` is RoIAlign's half-pixel setting for resampling the
+    ground-truth masks into the RoIs, which should be the poolers'. `detection.build.build_roi_heads`
+    makes the parts from a config."""
+
+    def __init__(self, *, mask_pooler: MultiScaleRoIAlign, mask_head: MaskHead, aligned_mask_targets: bool,
+                 **box_heads):
+        super().__init__(**box_heads)
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
+        self.aligned_mask_targets = aligned_mask_targets
 
     def branch_losses(self, features, proposals, labels, matched, targets):
         if any("masks" not in t for t in targets):
-            raise ValueError("Mask R-CNN training needs 'masks' (N, H, W) in every target")
+            raise DatasetError("Mask R-CNN training needs 'masks' (N, H, W) in every target")
         counts = [len(p) for p in proposals]
         positive = labels > 0
         per_image = positive.split(counts)
@@ -46,7 +44,7 @@ class MaskRoIHeads(RoIHeads):
         matched = [m[f] for m, f in zip(matched.split(counts), per_image)]
         logits = self.mask_head(self.mask_pooler(features, rois), labels[positive])
         size = logits.shape[-1]
-        targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.pooler.aligned)
+        targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.aligned_mask_targets)
         return {"loss_mask": mask_loss(logits, targets)}
 
     def branch_outputs(self, features, detections):
@@ -65,8 +63,8 @@ class MaskRCNN(FasterRCNN):
         super().__init__(*args, **kwargs)
         self.paste_mode = paste_mode  # segmentation.paste.PASTE_MODES
 
-    def postprocess(self, detections, image_sizes, original_sizes):
-        detections = super().postprocess(detections, image_sizes, original_sizes)
+    def render(self, detections, original_sizes):
+        """Each detection's mask probabilities (N, 1, M, M) over its box pasted into its image."""
         for d, size in zip(detections, original_sizes):
             d["masks"] = paste_masks(d["masks"], d["boxes"], size, mode=self.paste_mode)
         return detections

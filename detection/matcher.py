@@ -40,21 +40,3 @@ class Matcher:
             labels[claimed] = FOREGROUND
         return matched, labels
 
-
-def sample_balanced(labels: torch.Tensor, per_image: int, positive_fraction: float,
-                    generator: torch.Generator = None):
-    """Random foreground/background subsets (Ren et al. 2015, Sec. 3.1.3): up to
-    `per_image * positive_fraction` foreground, the rest background. Returns two (B, N) masks."""
-    fg, bg = labels == FOREGROUND, labels == BACKGROUND
-    num_fg = fg.sum(dim=1).clamp(max=int(per_image * positive_fraction))
-    num_bg = bg.sum(dim=1).clamp(max=per_image - num_fg)
-    noise = torch.rand(labels.shape, device=labels.device, generator=generator)
-    return _random_subset(fg, num_fg, noise), _random_subset(bg, num_bg, noise)
-
-
-def _random_subset(mask, counts, noise):
-    score = torch.where(mask, noise, torch.full_like(noise, -1.0))
-    order = score.argsort(dim=1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return mask & (rank < counts[:, None])

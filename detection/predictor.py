@@ -4,6 +4,7 @@ import torch
 
 from engine.device import resolve_device
 from engine.config import as_config
+from engine.errors import DatasetError
 
 from .build import build_detector
 
@@ -24,6 +25,6 @@ class Predictor:
     def __call__(self, image: np.ndarray):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"Predictor takes an HxWx3 uint8 RGB array, got {desc}")
+            raise DatasetError(f"Predictor takes an HxWx3 uint8 RGB array, got {desc}")
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device)
         return {k: v.cpu() for k, v in self.model([tensor])[0].items()}

@@ -2,68 +2,60 @@
 
 Input contract (torchvision's): a list of (3, H, W) RGB tensors, float in [0, 1] or uint8. Each image is
 converted to the model's pixel format (RGB or BGR, scale 0-1 or 0-255), normalised with mean/std,
-resized so its shorter side is `min_size` unless its longer side would exceed `max_size`, and the batch
-is zero-padded (zero = the mean pixel after normalisation) to a multiple of `size_divisibility`.
-"""
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+resized so its shorter side is `min_size` unless its longer side would exceed `max_size` (detection/resize.py,
+the resize the data loader uses too), and the batch is zero-padded (zero = the mean pixel after
+normalisation) to a multiple of `size_divisibility`.
 
-import numpy as np
+Every size here may be a SymInt (torch.export) or a 0-dim tensor (torch.jit.trace) as well as an int, so
+that the exported graph (detection/export) is this code, recorded: padding is integer arithmetic and
+size tensors are built from the sizes, never through Python floats.
+"""
+from typing import Dict, List, Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError, DatasetError
 
+from .resize import as_float, get_resize_mode, resize_image, resize_masks, resized_size
 from .structures import ImageBatch, recording
 
 FORMATS = ("RGB", "BGR")
-RESIZE_MODES = ("interpolate", "pil")
 
 
-def resized_scale(height: int, width: int, min_size: float, max_size: float) -> float:
-    return min(min_size / min(height, width), max_size / max(height, width))
-
-
-def detectron2_resized_size(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
-    """(H, W) after Detectron2's ResizeShortestEdge (data/transforms/augmentation_impl.py, get_output_shape):
-    the shorter side to `min_size`, the longer capped at `max_size`, each rounded with int(x + 0.5)."""
-    scale = min_size / min(height, width)
-    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
-    if max(new_h, new_w) > max_size:
-        scale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
-def pil_resize(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """A (3, H, W) uint8 image resized to `size` by PIL's BILINEAR filter (which averages over the source
-    pixels a target pixel covers when shrinking), as Detectron2's ResizeTransform does for uint8 images.
-    torch's antialiased bilinear interpolation differs from it by 1 in about 0.1% of the pixels."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).cpu().numpy()
-    resized = Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR)
-    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).to(image.device)
-
-
-def scale_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> torch.Tensor:
+def scale_boxes(boxes: torch.Tensor, from_size: Sequence, to_size: Sequence) -> torch.Tensor:
     """Map xyxy boxes between image sizes (H, W), one float32 ratio per axis."""
-    ry = torch.tensor(float(to_size[0]), device=boxes.device) / torch.tensor(float(from_size[0]), device=boxes.device)
-    rx = torch.tensor(float(to_size[1]), device=boxes.device) / torch.tensor(float(from_size[1]), device=boxes.device)
+    ry = as_float(to_size[0], boxes) / as_float(from_size[0], boxes)
+    rx = as_float(to_size[1], boxes) / as_float(from_size[1], boxes)
     return boxes * torch.stack([rx, ry, rx, ry]).to(boxes.dtype)
 
 
+def sizes_tensor(sizes: Sequence, like: torch.Tensor) -> torch.Tensor:
+    """(B, 2) float32 heights and widths of `sizes`, built in the graph where they are recorded sizes."""
+    return torch.stack([torch.stack([as_float(h, like), as_float(w, like)]) for h, w in sizes])
+
+
+class _RecordedBatch(ImageBatch):
+    """An ImageBatch whose sizes are SymInts or traced tensors: its size tensor is made from them in the
+    graph (ImageBatch's torch.tensor would fix them to the example image's)."""
+
+    def sizes_tensor(self) -> torch.Tensor:
+        return sizes_tensor(self.image_sizes, self.tensor)
+
+
 class Preprocessor(nn.Module):
+    """resize_mode: a name in resize.RESIZE_MODES. resize_in_training: whether training images are resized
+    here (torchvision's contract) or arrive resized by the data loader (`input.train_resize=loader`, our
+    trainer: albumentations in the loader's workers); test images are always resized here."""
+
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], input_format: str = "RGB",
                  pixel_scale: float = 1.0, min_size_train: Sequence[int] = (800,), max_size_train: int = 1333,
                  min_size_test: int = 800, max_size_test: int = 1333, size_divisibility: int = 32,
-                 memory_format: torch.memory_format = torch.contiguous_format, resize_mode: str = "interpolate"):
+                 memory_format: torch.memory_format = torch.contiguous_format, resize_mode: str = "interpolate",
+                 resize_in_training: bool = True):
         super().__init__()
-        if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"unknown resize mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
-        # "interpolate": bilinear F.interpolate of the normalised float image (torchvision's transform);
-        # "pil": Detectron2's test-time resize, PIL on the uint8 image before normalisation.
+        self.mode = get_resize_mode(resize_mode)
         self.resize_mode = resize_mode
         if input_format not in FORMATS:
             raise ConfigError(f"unknown input format {input_format!r}; valid: RGB, BGR")
@@ -79,12 +71,10 @@ class Preprocessor(nn.Module):
         self.max_size_test = max_size_test
         self.size_divisibility = size_divisibility
         self.memory_format = memory_format  # of the padded batch: channels_last for an NHWC model
-        # torchvision's contract: the model resizes training images too. The trainer's data pipeline
-        # resizes with albumentations instead (in its workers) and turns this off.
-        self.resize_in_training = True
+        self.resize_in_training = resize_in_training
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dtype == torch.uint8 and self.resize_mode == "pil":
+        if image.dtype == torch.uint8 and self.mode.uint8:
             # x * 1.0 for pixel_scale 255: Detectron2's exact 0-255 floats (x / 255 * 255 is not always x).
             image = image.float() * (self.pixel_scale / 255)
             image = image.flip(0) if self.input_format == "BGR" else image
@@ -98,7 +88,8 @@ class Preprocessor(nn.Module):
             image = image.flip(0)
         return (image - self.pixel_mean) / self.pixel_std
 
-    def target_size(self) -> Tuple[float, float]:
+    def target_size(self):
+        """(min_size, max_size) of the next image's resize."""
         if self.training:
             # One shorter-side size per image, drawn from torch's RNG so a seed fixes it.
             i = int(torch.empty(1).uniform_(0.0, float(len(self.min_size_train))).item())
@@ -106,38 +97,35 @@ class Preprocessor(nn.Module):
         return float(self.min_size_test), float(self.max_size_test)
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        scale = resized_scale(h, w, *self.target_size())
-        return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                             align_corners=False)[0]
+        """One (3, H, W) image resized by `resize_mode` to the size of `target_size` (normalised first for
+        "interpolate", as torchvision does; "pil" filters the uint8 pixels)."""
+        size = resized_size(*image.shape[-2:], *self.target_size(), mode=self.resize_mode)
+        return resize_image(image, size, self.resize_mode)
 
-    def resize_uint8(self, image: torch.Tensor) -> torch.Tensor:
-        """`resize_mode="pil"`: Detectron2's size and PIL's filter on the uint8 image (float images in [0, 1]
-        are rounded to uint8 first: Detectron2 only ever resizes uint8 images)."""
-        if image.dtype != torch.uint8:
-            image = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        size = detectron2_resized_size(*image.shape[-2:], *self.target_size())
-        return pil_resize(image, size)
+    def prepare(self, image: torch.Tensor, resize: bool) -> torch.Tensor:
+        """One image normalised and, if `resize`, resized (before normalising where the filter works on
+        uint8 pixels, after it otherwise)."""
+        if not resize:
+            return self.normalize(image)
+        return self.normalize(self.resize(image)) if self.mode.uint8 else self.resize(self.normalize(image))
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         check_images(images)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
-        if self.training and not self.resize_in_training:
-            resized = [self.normalize(img) for img in images]
-        elif self.resize_mode == "pil":
-            resized = [self.normalize(self.resize_uint8(img)) for img in images]
-        else:
-            resized = [self.resize(self.normalize(img)) for img in images]
+        resize = self.resize_in_training or not self.training
+        resized = [self.prepare(img, resize) for img in images]
         sizes = [tuple(img.shape[-2:]) for img in resized]
         if targets is not None:
             targets = [resize_target(t, o, s) for t, o, s in zip(targets, original_sizes, sizes)]
+        # Rounded up with integer arithmetic (the same as math.ceil for ints), which a recorded size keeps.
         d = self.size_divisibility
-        h = int(math.ceil(max(s[0] for s in sizes) / d) * d)
-        w = int(math.ceil(max(s[1] for s in sizes) / d) * d)
-        batch = resized[0].new_zeros((len(resized), 3, h, w)).contiguous(memory_format=self.memory_format)
-        for i, img in enumerate(resized):
-            batch[i, :, : img.shape[1], : img.shape[2]] = img
-        return ImageBatch(batch, sizes), targets, original_sizes
+        h = (max(s[0] for s in sizes) + d - 1) // d * d
+        w = (max(s[1] for s in sizes) + d - 1) // d * d
+        # Zero padding at the bottom and right: zero is the mean pixel after normalisation.
+        padded = [F.pad(img, (0, w - img.shape[2], 0, h - img.shape[1])) for img in resized]
+        batch = (padded[0][None] if len(padded) == 1 else torch.stack(padded))
+        batch = batch.contiguous(memory_format=self.memory_format)
+        return (_RecordedBatch if recording() else ImageBatch)(batch, sizes), targets, original_sizes
 
     @staticmethod
     def postprocess(detections: List[Dict[str, torch.Tensor]], image_sizes, original_sizes):
@@ -149,9 +137,8 @@ def resize_target(target: Dict[str, torch.Tensor], from_size, to_size) -> Dict[s
     """A target's boxes, and instance masks (N, H, W) if it has them (nearest neighbour), at the resized
     image's size."""
     target = dict(target, boxes=scale_boxes(target["boxes"], from_size, to_size))
-    masks = target.get("masks")
-    if masks is not None and tuple(masks.shape[-2:]) != tuple(to_size):
-        target["masks"] = F.interpolate(masks[:, None], size=tuple(to_size), mode="nearest")[:, 0]
+    if target.get("masks") is not None:
+        target["masks"] = resize_masks(target["masks"], to_size)
     return target
 
 

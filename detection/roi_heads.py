@@ -1,23 +1,20 @@
 """The second stage of Faster R-CNN (Ren et al. 2015; Girshick 2015): per-RoI classification and
 class-specific box regression over pooled FPN features, with training-time matching and sampling and
 inference-time score thresholding and per-class NMS, all batched across images."""
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import ShapeSpec
 from backbones.norms import get_norm
-from engine.errors import ConfigError
 
 from .box_coder import BoxCoder
 from .losses import box_regression_loss
-from .matcher import Matcher, sample_balanced
+from .matcher import Matcher
 from .poolers import MultiScaleRoIAlign
+from .sampler import BalancedSampler
 from .structures import batched_box_iou, batched_nms, box_sizes_at_least, clip_boxes, pad_boxes, top_k_per_image
-
-BOX_HEADS = ("2fc", "4conv1fc")
 
 
 class BoxHead(nn.Module):
@@ -55,6 +52,7 @@ class BoxPredictor(nn.Module):
         super().__init__()
         self.cls_score = nn.Linear(in_dim, num_classes + 1)
         self.bbox_pred = nn.Linear(in_dim, (num_classes + 1) * 4)
+        self.num_classes = num_classes
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
@@ -65,30 +63,23 @@ class BoxPredictor(nn.Module):
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
-                 pooler_resolution: int = 7, sampling_ratio: int = 2, aligned: bool = False,
-                 canonical_box_size: float = 224, canonical_level: int = 4, box_head: str = "2fc",
-                 fc_dim: int = 1024, conv_dim: int = 256, head_norm: str = "",
-                 iou_threshold: float = 0.5, batch_size_per_image: int = 512,
-                 positive_fraction: float = 0.25, bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-                 append_gt_boxes: bool = True, score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100, min_box_size: float = 1e-2, box_loss: str = "smooth_l1",
-                 smooth_l1_beta: float = 1 / 9, level_formula: str = "shifted"):
+    """Per-RoI class scores and boxes: the `pooler`'s features of each proposal through `box_head` and
+    `predictor`; in training, its losses on proposals matched by `matcher`, drawn by `sampler` and encoded
+    by `box_coder`; at inference, the detections above `score_thresh` after per-class NMS, at most
+    `detections_per_img` per image. `detection.build.build_roi_heads` makes the parts from a config."""
+
+    def __init__(self, *, pooler: MultiScaleRoIAlign, box_head: nn.Module, predictor: BoxPredictor,
+                 matcher: Matcher, sampler: BalancedSampler, box_coder: BoxCoder, append_gt_boxes: bool = True,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                 min_box_size: float = 1e-2, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1 / 9):
         super().__init__()
-        if box_head not in BOX_HEADS:
-            raise ConfigError(f"unknown box head {box_head!r}; valid: {', '.join(BOX_HEADS)}")
-        self.in_features = list(input_shape)
-        self.pooler = MultiScaleRoIAlign(input_shape, pooler_resolution, sampling_ratio, aligned,
-                                         canonical_box_size, canonical_level, level_formula)
-        channels = next(iter(input_shape.values())).channels
-        num_conv, num_fc = (0, 2) if box_head == "2fc" else (4, 1)
-        self.box_head = BoxHead(channels, pooler_resolution, num_conv, conv_dim, num_fc, fc_dim, head_norm)
-        self.predictor = BoxPredictor(self.box_head.out_dim, num_classes)
-        self.num_classes = num_classes
-        self.box_coder = BoxCoder(bbox_reg_weights)
-        self.matcher = Matcher((iou_threshold, iou_threshold), allow_low_quality_matches=False)
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
+        self.pooler = pooler
+        self.box_head = box_head
+        self.predictor = predictor
+        self.num_classes = predictor.num_classes
+        self.matcher = matcher
+        self.sampler = sampler
+        self.box_coder = box_coder
         self.append_gt_boxes = append_gt_boxes
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
@@ -121,7 +112,7 @@ class RoIHeads(nn.Module):
     @torch.no_grad()
     def sample_proposals(self, proposals, targets):
         """Match proposals (plus the ground truth itself, so every object has perfect positives) to
-        ground truth and draw `batch_size_per_image` of them at `positive_fraction` foreground.
+        ground truth and draw the sampler's balanced share of them.
 
         Returns the sampled boxes per image, and over all of them in order: class labels (0 background),
         box regression targets and the index of the matched ground truth within its image."""
@@ -131,7 +122,7 @@ class RoIHeads(nn.Module):
         gt, gt_valid = pad_boxes([t["boxes"] for t in targets])
         matched, labels = self.matcher(batched_box_iou(gt, props), gt_valid)
         labels[~prop_valid] = -1
-        fg, bg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        fg, bg = self.sampler(labels)
         keep = fg | bg
         classes = pad_labels([t["labels"] for t in targets], gt.shape[1], props.device)
         cls = torch.gather(classes, 1, matched) * fg

@@ -3,19 +3,18 @@
 Matching, sampling, proposal selection and NMS run on the whole batch at once; the only Python loop
 is over pyramid levels.
 """
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import ShapeSpec
-from engine.errors import ConfigError
-
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .losses import box_regression_loss
-from .matcher import FOREGROUND, Matcher, sample_balanced
+from .matcher import FOREGROUND, Matcher
+from .sampler import BalancedSampler
 from .structures import (ImageBatch, batched_box_iou, batched_nms, box_sizes_at_least, clip_boxes, pad_boxes,
                          size_min, top_k_per_image)
 
@@ -44,45 +43,47 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+@dataclass(frozen=True)
+class ProposalSelection:
+    """How the RPN turns scored anchors into proposals (`RPN.select_proposals`); each field is the
+    model.rpn key of the same name."""
+    pre_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 2000
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_box_size: float = 1e-3
+    score_thresh: float = 0.0
+    # Detectron2 (proposal_utils.find_top_rpn_proposals) keeps sides > min_box_size (Boxes.nonempty) and
+    # runs NMS on the logits; torchvision keeps sides >= min_box_size and runs NMS on probabilities,
+    # which saturate to 1.0 for logits above ~17 and so order high-scoring boxes differently.
+    strict_min_size: bool = False
+    nms_on_logits: bool = False
+
+    def pre_nms_topk(self, training: bool) -> int:
+        return self.pre_nms_topk_train if training else self.pre_nms_topk_test
+
+    def post_nms_topk(self, training: bool) -> int:
+        return self.post_nms_topk_train if training else self.post_nms_topk_test
+
+
 class RPN(nn.Module):
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, anchor_sizes: Sequence[Sequence[float]],
-                 aspect_ratios: Sequence[Sequence[float]], anchor_stride_mode: str = "backbone",
-                 iou_thresholds: Sequence[float] = (0.3, 0.7), batch_size_per_image: int = 256,
-                 positive_fraction: float = 0.5, pre_nms_topk_train: int = 2000,
-                 pre_nms_topk_test: int = 1000, post_nms_topk_train: int = 2000,
-                 post_nms_topk_test: int = 1000, nms_thresh: float = 0.7, min_box_size: float = 1e-3,
-                 score_thresh: float = 0.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 1 / 9,
-                 round_anchors: bool = True, strict_min_size: bool = False, nms_on_logits: bool = False):
+    """Proposals from the `head`'s objectness and deltas over the `anchor_generator`'s anchors on the
+    `in_features` maps; in training, its losses on anchors matched by `matcher`, drawn by `sampler` and
+    encoded by `box_coder`. `detection.build.build_rpn` makes the parts from a config."""
+
+    def __init__(self, *, in_features: Sequence[str], head: RPNHead, anchor_generator: AnchorGenerator,
+                 matcher: Matcher, sampler: BalancedSampler, box_coder: BoxCoder,
+                 selection: ProposalSelection = ProposalSelection(), box_loss: str = "smooth_l1",
+                 smooth_l1_beta: float = 1 / 9):
         super().__init__()
-        self.in_features = list(input_shape)
-        channels = {s.channels for s in input_shape.values()}
-        if len(channels) != 1:
-            raise ConfigError(f"the RPN head is shared across levels and needs equal channels, got {channels}")
-        if len(anchor_sizes) == 1 and len(self.in_features) > 1:
-            anchor_sizes = list(anchor_sizes) * len(self.in_features)
-        if len(aspect_ratios) == 1 and len(self.in_features) > 1:
-            aspect_ratios = list(aspect_ratios) * len(self.in_features)
-        self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios,
-                                                [s.stride for s in input_shape.values()], anchor_stride_mode,
-                                                round_anchors)
-        if len(set(self.anchor_generator.num_anchors)) != 1:
-            raise ConfigError("every level needs the same number of anchors (sizes x aspect ratios) "
-                              "for the shared RPN head")
-        self.head = RPNHead(channels.pop(), self.anchor_generator.num_anchors[0])
-        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        self.matcher = Matcher(iou_thresholds, allow_low_quality_matches=True)
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
-        self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
-        self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
-        self.nms_thresh = nms_thresh
-        self.min_box_size = min_box_size
-        # Detectron2 (proposal_utils.find_top_rpn_proposals) keeps sides > min_box_size (Boxes.nonempty) and
-        # runs NMS on the logits; torchvision keeps sides >= min_box_size and runs NMS on probabilities,
-        # which saturate to 1.0 for logits above ~17 and so order high-scoring boxes differently.
-        self.strict_min_size = strict_min_size
-        self.nms_on_logits = nms_on_logits
-        self.score_thresh = score_thresh
+        self.in_features = list(in_features)
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.matcher = matcher
+        self.sampler = sampler
+        self.box_coder = box_coder
+        self.selection = selection
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
 
@@ -102,9 +103,10 @@ class RPN(nn.Module):
     def select_proposals(self, proposals: List[torch.Tensor], logits: List[torch.Tensor],
                          images: ImageBatch) -> List[torch.Tensor]:
         """Per level the top-k by objectness, then clip, drop tiny and low-scoring boxes, NMS per image
-        and level, and keep each image's best `post_nms_topk`."""
+        and level, and keep each image's best `post_nms_topk` (all settings from `self.selection`)."""
         num_images = logits[0].shape[0]
-        k_pre = self.pre_nms_topk[self.training]
+        settings = self.selection
+        k_pre = settings.pre_nms_topk(self.training)
         boxes, scores, levels = [], [], []
         for lvl, (p, l) in enumerate(zip(proposals, logits)):
             top, idx = l.topk(size_min(k_pre, l.shape[1]), dim=1)
@@ -115,16 +117,16 @@ class RPN(nn.Module):
         logits = torch.cat(scores, 1)
         scores = logits.sigmoid()
         groups = torch.cat(levels, 1) + len(proposals) * torch.arange(num_images, device=scores.device)[:, None]
-        if self.strict_min_size:
+        if settings.strict_min_size:
             w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-            large = (w > self.min_box_size) & (h > self.min_box_size)
+            large = (w > settings.min_box_size) & (h > settings.min_box_size)
         else:
-            large = box_sizes_at_least(boxes, self.min_box_size)
-        keep = large & (scores >= self.score_thresh)
+            large = box_sizes_at_least(boxes, settings.min_box_size)
+        keep = large & (scores >= settings.score_thresh)
         boxes, scores, logits, groups = boxes[keep], scores[keep], logits[keep], groups[keep]
-        kept = batched_nms(boxes, logits if self.nms_on_logits else scores, groups, self.nms_thresh)
+        kept = batched_nms(boxes, logits if settings.nms_on_logits else scores, groups, settings.nms_thresh)
         image_ids = groups[kept] // len(proposals)
-        kept = kept[top_k_per_image(image_ids, self.post_nms_topk[self.training], num_images)]
+        kept = kept[top_k_per_image(image_ids, settings.post_nms_topk(self.training), num_images)]
         image_ids = groups[kept] // len(proposals)
         return [boxes[kept[image_ids == i]] for i in range(num_images)]
 
@@ -134,7 +136,7 @@ class RPN(nn.Module):
         gt, valid = pad_boxes([t["boxes"] for t in targets])
         iou = batched_box_iou(gt, anchors.expand(len(targets), -1, -1))
         matched, labels = self.matcher(iou, valid)
-        fg, bg = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        fg, bg = self.sampler(labels)
         sampled = fg | bg
         num_sampled = sampled.sum().clamp(min=1)
         objectness_loss = F.binary_cross_entropy_with_logits(

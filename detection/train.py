@@ -22,7 +22,7 @@ from engine.trainer import FINAL, Trainer, close_run, start_run, flat_metrics, w
 
 from .build import build_detector
 from .data.build import build_detection_train_loader
-from .inference import evaluate_detector
+from .evaluation import evaluate_detector
 
 logger = logging.getLogger("detection")
 RESUMED = ("model.weights=null", "model.backbone.weights=null")
@@ -61,9 +61,8 @@ def train_detector(cfg, resume: bool = False):
     s = cfg.solver
     check_steps(s, s.max_iter)
     # Resuming loads every tensor from the checkpoint, so neither initialisation file is opened then.
+    # Whether the loader or the model resizes training images, both take from input.train_resize.
     model = build_detector(cfg, RESUMED if resume else ()).to(device)
-    # The data pipeline resizes training images (albumentations, in the loader's workers).
-    model.preprocessor.resize_in_training = False
     optimizer = build_optimizer(cfg, model)
     checkpointer = Checkpointer(out)
     start_iter, state = 0, {}

@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from . import distributed
 from .errors import ToolkitError, TrainingInterrupted
 
 
@@ -14,8 +15,6 @@ def run(main, argv=None) -> int:
     instead of a traceback from deep inside the library. Training stopped by SIGTERM or Ctrl-C (after
     saving a checkpoint) exits with 128 + the signal number, as the shell reports a killed process.
     In a distributed run the messages name the rank, and the process group is closed at the end."""
-    from . import distributed
-
     try:
         return main(argv) or 0
     except TrainingInterrupted as e:

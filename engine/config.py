@@ -4,7 +4,7 @@ The resolved config is always schema defaults <- bases (in order) <- the file <-
 by key before anything is built, so a typo or a wrong type stops a run at start-up with the key, the
 file it came from and what would be accepted. Dicts merge deeply; lists and scalars replace.
 
-    cfg = load_config("configs/frcnn_r50_fpn.yaml", ["solver.base_lr=0.01", "model.backbone.norm=GN"])
+    cfg = load_config("configs/frcnn_r50.yaml", ["solver.base_lr=0.01", "model.backbone.norm=GN"])
     cfg.model.backbone.depth          # 50
     save_config(cfg, cfg.output_dir)  # output_dir/config.yaml, which load_config reads back unchanged
 """

@@ -72,7 +72,7 @@ def init_distributed(device: torch.device) -> torch.device:
         for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {key} is not: start "
-                                  "distributed runs with torchrun (see the README)")
+                                  "distributed runs with torchrun (see docs/training.md)")
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, **kwargs)
     return device

@@ -167,9 +167,14 @@ SCHEMA: dict = {
         "lsj_max_scale": Opt(float, 2.0, help="large-scale jitter: largest scale"),
         "max_size_test": Opt(int, 1333, min=1, help="cap on the longer side at test"),
         "resize_mode": Opt(str, "interpolate", choices=("interpolate", "pil"),
-                           help="detector resize: 'interpolate' = bilinear on the normalised float image "
-                                "(torchvision); 'pil' = Detectron2's: sides rounded with int(x + 0.5), PIL bilinear "
-                                "on the uint8 image, then normalisation"),
+                           help="detector resize (model, data loader and export alike): 'interpolate' = sides "
+                                "rounded down, bilinear on the normalised float image (torchvision); 'pil' = "
+                                "Detectron2's: sides rounded with int(x + 0.5), PIL bilinear on the uint8 image, "
+                                "then normalisation"),
+        "train_resize": Opt(str, "loader", choices=("loader", "model"),
+                            help="detection training: who resizes the images to min_size_train: 'loader' = the "
+                                 "data loader's workers, with the other augmentations (uint8, before the batch); "
+                                 "'model' = the model's pre-processing, on the raw images (torchvision's contract)"),
     },
     "data": {
         "root": Opt(str, "datasets", help="directory that holds the datasets"),

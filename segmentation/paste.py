@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from engine.errors import ConfigError
+
 PADDING = 1
 CHUNK_BYTES = 1 << 28  # working memory per chunk on a GPU (the output itself aside)
 
@@ -98,7 +100,8 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int,
     `chunk`: masks computed together (default: 1 on a CPU, as many as CHUNK_BYTES allows on a GPU).
     `mode`: "torchvision" (the geometry above) or "detectron2" (`paste_masks_unpadded`)."""
     if mode not in PASTE_MODES:
-        raise ValueError(f"unknown mask paste mode {mode!r}; valid: {', '.join(PASTE_MODES)}")
+        raise ConfigError(f"unknown mask paste mode {mode!r} (model.mask_head.paste_mode); valid: "
+                          f"{', '.join(PASTE_MODES)}")
     if mode == "detectron2":
         return paste_masks_unpadded(masks, boxes, image_size)
     height, width = image_size

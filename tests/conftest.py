@@ -57,11 +57,11 @@ class ToolResult(NamedTuple):
     stderr: str
 
 
-def run_tool(capsys, name, *args) -> ToolResult:
+def run_tool(capsys, name, *args, cwd=REPO) -> ToolResult:
     """`python tools/NAME ARGS` in this process, minus the interpreter's start-up (seconds of importing torch):
-    `main` under engine.cli.run as the tool's `__main__` block calls it, with the working directory at the
-    repository root and sys.argv set as a command line would; SystemExit (argparse's usage errors, --help)
-    becomes the return code. An exception that is not ours propagates, where a subprocess would exit 1.
+    `main` under engine.cli.run as the tool's `__main__` block calls it, with the working directory at `cwd`
+    (default: the repository root) and sys.argv set as a command line would; SystemExit (argparse's usage
+    errors, --help) becomes the return code. An exception that is not ours propagates, where a subprocess would exit 1.
 
     Logging: the tools' setup_logging adds a console handler (only if the root logger has none) and a
     FileHandler for output_dir/log.txt, and never removes them. For the call, console and file handlers
@@ -80,7 +80,7 @@ def run_tool(capsys, name, *args) -> ToolResult:
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     root.handlers = [h for h in saved_handlers if type(h) not in (logging.StreamHandler, logging.FileHandler)]
     sys.argv = [str(path), *argv]
-    os.chdir(REPO)
+    os.chdir(cwd)
     try:
         main = runpy.run_path(str(path))["main"]
         try:

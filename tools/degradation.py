@@ -1,10 +1,10 @@
 """The paper's Figure 6 (He et al. 2015, Sec. 4.2): plain and residual networks of several depths, trained
 alike, their training and test error per epoch. Writes OUTPUT/degradation.png, OUTPUT/degradation.json
 and OUTPUT/log.txt, and prints the final errors. Without --cifar it runs on scikit-learn's handwritten
-digits, offline on a CPU in about five minutes; see engine/degradation.py for the data and the schedule.
-On a CPU shared with other jobs, OMP_NUM_THREADS=1 can be several times faster than torch's default of
-one thread per core (these small convolutions gain little from a second thread and lose much when it
-has to wait for a core).
+digits, offline on a CPU in about five minutes; see backbones/experiments/degradation.py for the data and
+the schedule. On a CPU shared with other jobs, OMP_NUM_THREADS=1 can be several times faster than
+torch's default of one thread per core (these small convolutions gain little from a second thread and
+lose much when it has to wait for a core).
 
     python tools/degradation.py --output output/degradation
     python tools/degradation.py --cifar data/cifar-10-batches-py --epochs 182 --batch-size 128 --lr 0.1 \\

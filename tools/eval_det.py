@@ -9,10 +9,9 @@ eval/ (results.json, summary_<type>.txt, per_category_<type>.txt and .json).
 import sys
 
 from detection.weights import WEIGHTS_HELP
-from detection.evaluation import evaluate_results_file, format_per_category
+from detection.evaluation import evaluate_model, evaluate_results_file, format_per_category
 from engine.cli import parser_for, run
 from engine.config import load_config, save_config
-from engine.errors import ConfigError
 
 
 def main(argv=None):
@@ -26,16 +25,7 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     save_config(cfg, cfg.output_dir)
-    if args.weights:
-        # Imported here: inference needs the model code, which evaluating a results file does not.
-        try:
-            from detection.inference import evaluate_model
-        except ImportError as e:
-            raise ConfigError(f"--weights needs detection.inference.evaluate_model, which cannot be imported "
-                              f"({e}); evaluate a results file with --results instead") from None
-        reports = evaluate_model(cfg, args.weights)
-    else:
-        reports = evaluate_results_file(cfg, args.results)
+    reports = evaluate_model(cfg, args.weights) if args.weights else evaluate_results_file(cfg, args.results)
     for iou_type, report in reports.items():
         print(f"{iou_type}:\n{report.summary}\n\n{format_per_category(report.per_category)}\n")
     for iou_type, report in reports.items():

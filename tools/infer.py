@@ -1,6 +1,6 @@
 """Run a detector on images or folders of images.
 
-    python tools/infer.py configs/torchvision/frcnn_r50_fpn.yaml --weights frcnn.pth \
+    python tools/infer.py configs/torchvision/frcnn_r50_fpn.yaml --weights frcnn.pth \\
         --input photos/ street.jpg --output out/ test.score_thresh=0.5
 
 Writes OUTPUT/results.json ({"file_name", "category_id", "bbox": [x, y, w, h], "score"} per detection,

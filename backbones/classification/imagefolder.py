@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from engine.data.decode import ImageReader
 from engine.data.paths import IMAGE_EXTENSIONS
 from engine.data.samplers import seed_compose
-from engine.errors import DatasetError
+from engine.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def build_cls_transform(train, size=224, resize=None, mean=IMAGENET_MEAN, std=IM
     if resize is None:
         resize = int(round(size * 256 / 224))
     if resize < size:
-        raise ValueError(f"build_cls_transform: resize={resize} is smaller than the crop size={size}")
+        raise ConfigError(f"build_cls_transform: resize={resize} is smaller than the crop size={size} "
+                          "(input.size); resize to at least the crop size")
     return A.Compose([A.SmallestMaxSize(max_size=resize), A.CenterCrop(height=size, width=size), *normalize])
 
 

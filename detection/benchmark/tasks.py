@@ -21,6 +21,7 @@ from engine.config import as_config
 from engine.errors import ConfigError
 
 from ..build import build_detector
+from ..data.build import wants_masks
 from ..weights import load_detector_weights
 from .harness import Side
 
@@ -94,7 +95,7 @@ def torchvision_detector(config, overrides: Sequence[str], weights: Optional[str
 
     ours = our_detector(config, overrides, weights, seed, memory_format)
     cfg = as_config(config, list(overrides) + ([] if weights else ["test.score_thresh=0.0"]))
-    mask = cfg.model.name == "mask_rcnn"
+    mask = wants_masks(cfg)
     builder = getattr(detection, TORCHVISION_BUILDERS[mask])
     r, t, i = cfg.model.rpn, cfg.test, cfg.input
     model = builder(weights=None, weights_backbone=None, num_classes=cfg.model.num_classes + 1,
@@ -195,13 +196,12 @@ def setup_train(impl: str, config, overrides, weights, size, batch, seed, device
     if cfg.model.backbone.norm != "FrozenBN":
         raise ConfigError("the training benchmark compares frozen-BN models (model.backbone.norm=FrozenBN), "
                           f"got {cfg.model.backbone.norm}")
-    model = BUILDERS[impl](config, overrides, weights, seed, memory_format)
+    # Both sides resize inside the model, as torchvision does (its side ignores the key).
+    model = BUILDERS[impl](config, list(overrides) + ["input.train_resize=model"], weights, seed, memory_format)
     if impl == "torchvision":
         _freeze_torchvision(model, cfg.model.backbone.freeze_at)
-    else:
-        model.preprocessor.resize_in_training = True  # both resize inside the model, as torchvision does
     model.train().to(device)
-    masks = cfg.model.name == "mask_rcnn"
+    masks = wants_masks(cfg)
     images = [random_image(size, seed + k).to(device) for k in range(batch)]
     targets = [{k: v.to(device) for k, v in synthetic_targets(size, 8, cfg.model.num_classes, seed + k, masks).items()}
                for k in range(batch)]
@@ -334,8 +334,7 @@ def data_benchmark(cfg, config_name: str, iters: int, warmup: int, device: torch
         fetch_block()
     fetch = [time_call(fetch_block, torch.device("cpu")) / block for _ in range(iters)]
 
-    model = build_detector(cfg).to(device)
-    model.preprocessor.resize_in_training = False  # as in training: the loader's workers resize
+    model = build_detector(cfg).to(device)  # as train_detector's: input.train_resize decides who resizes
     trainer = Trainer(cfg, model, build_optimizer(cfg, model), batches, detection_step, None, None, device,
                       cfg.solver.max_iter)
     model.train()

@@ -1,7 +1,10 @@
-"""`tools/convert_weights.py --check`: the source framework's model and ours, each given its own side of a
-conversion, run on the same random input, and the largest difference printed. Runs where the other
-framework is importable (torchvision always; timm when installed; Detectron2 is not installable here, so
-its conversions are not checked this way).
+"""What builds models to verify a conversion (the converters are key tables and build nothing).
+
+`check_config_fit`, on every conversion: the tensors fit the model of the config the converter names.
+`check_conversion`, `tools/convert_weights.py --check`: the source framework's model and ours, each given its
+own side of a conversion, run on the same random input, and the largest difference printed. Runs where the
+other framework is importable (torchvision always; timm when installed; Detectron2 is not installable here,
+so its conversions are not checked this way).
 """
 import importlib.util
 from dataclasses import dataclass
@@ -11,11 +14,31 @@ from typing import Dict, List
 import torch
 
 from backbones.resnet import DEPTHS, ResNet
-from backbones.weights import resnet_config
+from backbones.weights import Conversion, check_fit, key_list, resnet_config
 from engine.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+from ..build import build_detector
+from .torchvision import TORCHVISION_BUILDERS
+
+REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-4  # of the largest output value: float32 through ~50 layers of the same operations
+
+
+def check_config_fit(conversion: Conversion):
+    """Every tensor of `conversion` has its place in the model of the config it names (`Conversion.config`,
+    relative to the repository, wherever the tool runs), and that model lacks none: shapes only, the model
+    is built on the meta device. A conversion that names no config passes."""
+    if not conversion.config:
+        return
+    base, *overrides = conversion.config
+    with torch.device("meta"):  # nothing is allocated or initialised
+        model = build_detector(REPO / base, ["model.backbone.weights=null", "model.weights=null"] + overrides)
+    source = f"the state dict converted for {base} {' '.join(overrides)}"
+    fit = check_fit(model.state_dict(), conversion.state_dict, source)
+    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in
+                [("with no place in it", fit.unexpected), ("of the model's missing", fit.missing)] if keys]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model it builds: " + "; ".join(problems))
 
 
 @dataclass
@@ -91,9 +114,6 @@ def check_resnet(framework: str, theirs_state: Dict[str, torch.Tensor], ours_sta
 def check_torchvision_detector(theirs_state: Dict[str, torch.Tensor], ours_state: Dict[str, torch.Tensor]):
     """FPN features on a random normalised batch, then the detections of both on one random image."""
     from torchvision.models import detection
-
-    from ..build import build_detector
-    from .torchvision import TORCHVISION_BUILDERS
 
     mask = any(k.startswith("roi_heads.mask_head.") for k in ours_state)
     classes = len(ours_state["roi_heads.predictor.cls_score.weight"])

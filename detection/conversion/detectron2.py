@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from backbones.weights import Conversion, check_fit, config_overrides, convert_keys, key_list, resnet_config
+from backbones.weights import Conversion, config_overrides, convert_keys, key_list, resnet_config
 from engine.errors import CheckpointError
 
 # Detectron2's Conv2d carries its norm as `.norm`; ours are siblings (norm{k} next to conv{k}). The norm rows
@@ -119,11 +119,10 @@ def from_detectron2_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     if agnostic_masks:
         settings.append("model.mask_head.class_agnostic=true")
     overrides = [s for s in settings if not s.startswith("data.")]
-    _check_detector_fit(converted, base, overrides, kind)
     name = "X101" if cfg["groups"] > 1 else f"R{cfg['depth']}"
     what = (f"Detectron2's {kind} {name}-FPN ({num_classes} classes); build it with {base} "
             f"{' '.join(settings)}; its backbone was trained for {expects}")
-    return Conversion(converted, what, skipped=skipped, added=added)
+    return Conversion(converted, what, skipped=skipped, added=added, config=(base, *overrides))
 
 
 def _reorder_box_predictor(converted, added) -> int:
@@ -167,20 +166,6 @@ def _add_mask_background(converted, num_classes: int, added) -> bool:
         converted[key] = torch.cat([w.new_zeros((1,) + w.shape[1:]), w])
         added.setdefault(_BACKGROUND, []).append(key)
     return False
-
-
-def _check_detector_fit(converted, base: str, overrides: List[str], kind: str):
-    """Every tensor has its place in the model the overrides build, and the model lacks none."""
-    from ..build import build_detector  # detection.build imports detection.weights, which imports this module
-
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = build_detector(base, ["model.backbone.weights=null", "model.weights=null"] + overrides)
-    source = f"Detectron2's {kind} ({base} {' '.join(overrides)})"
-    fit = check_fit(model.state_dict(), converted, source)
-    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in
-                [("with no place in it", fit.unexpected), ("of the model's missing", fit.missing)] if keys]
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model its tensors describe: " + "; ".join(problems))
 
 
 # Caffe2 blob name -> our ResNet key (detectron2/checkpoint/c2_model_loading.py, convert_basic_c2_names).

@@ -56,7 +56,9 @@ def build_detection_train_loader(cfg, start_iter: int = 0, rank: int = 0, world_
 
 def build_detection_test_loader(cfg, batch_size: int = 1, resize: bool = False, rank: int = 0,
                                 world_size: int = 1) -> DataLoader:
-    """Every image of `data.val` once, in batches of `batch_size` `(images, targets)`.
+    """Every image of `data.val` once (images without annotations too), in batches of `batch_size`
+    `(images, targets)`; rank `rank` of `world_size` gets its contiguous share, so that the shards in rank
+    order are the images in id order. What evaluation runs the model on (detection.evaluation).
 
     resize=False (the default): decoded only, because at test time the model resizes and maps its boxes
     back to the original pixels itself. resize=True applies the test transform (shorter side to

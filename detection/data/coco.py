@@ -40,13 +40,11 @@ from engine.data.decode import ImageReader, read_json
 from engine.data.paths import require_path
 from engine.errors import ConfigError, DatasetError
 
+from .coco_format import as_float, check_coco_structure, check_rle, is_number
+
 logger = logging.getLogger("detection.data")
 
 LABEL_SPACES = ("contiguous", "category_id")
-# list in the file -> (what one entry is called, the keys it needs)
-REQUIRED_KEYS = {"images": ("image", ("id", "file_name", "height", "width")),
-                 "annotations": ("annotation", ("id", "image_id", "category_id", "bbox")),
-                 "categories": ("category", ("id", "name"))}
 # Why an annotation is not a target: crowd region, w or h <= 0, NaN/inf, nothing left after clipping to
 # the image, category not among `categories`.
 # With masks also: no usable polygon (or no segmentation at all).
@@ -58,84 +56,9 @@ SEGMENTATION_DROPS = ("polygon_too_short", "polygon_odd_length", "polygon_non_fi
 # A polygon coordinate beyond +-this many times the image's longer side is broken (pycocotools'
 # rasterisation would allocate memory in proportion to it, or overflow).
 POLYGON_REACH = 4
-# Ids are stored as int64 downstream (labels, evaluation); larger ones cannot be represented.
-MAX_ID = 2 ** 63 - 1
 # Narrower than this after clipping, a box is a line, not an object (the model's regression targets
 # would divide by its width).
 MIN_BOX_SIDE = 1e-2
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _as_float(v) -> float:
-    """A checked number as a float; an int too large for a float is infinite."""
-    try:
-        return float(v)
-    except OverflowError:
-        return math.inf if v > 0 else -math.inf
-
-
-def _is_side(v) -> bool:
-    """A positive, finite, whole image side (an int, or a float such as 480.0)."""
-    return _is_number(v) and math.isfinite(_as_float(v)) and v > 0 and float(v).is_integer()
-
-
-def check_coco_structure(data, path: str):
-    """The keys and ids the dataset relies on, each failure one DatasetError naming the file and entry."""
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: a COCO annotation file is a JSON object, found {type(data).__name__}")
-    for key in REQUIRED_KEYS:
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{path}: missing or malformed '{key}' list")
-    if not data["categories"]:
-        raise DatasetError(f"{path}: the 'categories' list is empty")
-    for key, (what, required) in REQUIRED_KEYS.items():
-        seen = set()
-        for position, entry in enumerate(data[key]):
-            if not isinstance(entry, dict):
-                raise DatasetError(f"{path}: {key}[{position}] is not an object: {str(entry)[:80]}")
-            name = f"{what} {entry['id']!r}" if "id" in entry else f"{key}[{position}] (no id)"
-            missing = [k for k in required if k not in entry]
-            if missing:
-                raise DatasetError(f"{path}: {name} lacks the key(s) {missing}")
-            if not _is_int(entry["id"]) or abs(entry["id"]) > MAX_ID:
-                raise DatasetError(f"{path}: {name}: ids must be integers that fit in 64 bits")
-            if entry["id"] in seen:
-                raise DatasetError(f"{path}: duplicate {what} id {entry['id']}; ids must be unique")
-            seen.add(entry["id"])
-    for img in data["images"]:
-        if not all(_is_side(img[k]) for k in ("height", "width")):
-            raise DatasetError(f"{path}: image {img['id']} has height {str(img['height'])[:40]} and width "
-                               f"{str(img['width'])[:40]}; both must be positive whole numbers (pixels)")
-    for cat in data["categories"]:
-        if not isinstance(cat["name"], str):
-            raise DatasetError(f"{path}: category {cat['id']} has name {str(cat['name'])[:80]}; expected a string")
-    images, categories = {i["id"] for i in data["images"]}, {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
-        for key in ("image_id", "category_id"):
-            if not _is_int(ann[key]):
-                raise DatasetError(f"{path}: annotation {ann['id']} has {key} {str(ann[key])[:80]}; expected an "
-                                   "integer id")
-        crowd = ann.get("iscrowd", 0)
-        if not (isinstance(crowd, (int, float)) and crowd in (0, 1)):  # JSON true/false allowed too
-            raise DatasetError(f"{path}: annotation {ann['id']} has iscrowd {str(ann['iscrowd'])[:80]}; expected "
-                               "0 or 1")
-        if ann["image_id"] not in images:
-            raise DatasetError(f"{path}: annotation {ann['id']} names image_id {ann['image_id']}, which is not "
-                               "in 'images'")
-        if ann["category_id"] not in categories:
-            raise DatasetError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is "
-                               "not in 'categories'")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise DatasetError(f"{path}: annotation {ann['id']} has bbox {str(bbox)[:80]}; expected "
-                               "[x, y, width, height]")
 
 
 def safe_join(img_dir: str, file_name, path: str, image_id) -> str:
@@ -164,7 +87,7 @@ def safe_join(img_dir: str, file_name, path: str, image_id) -> str:
 
 def clip_box(bbox, width, height):
     """COCO [x, y, w, h] -> xyxy clipped to the image, or None with the reason the box is unusable."""
-    bbox = [_as_float(v) for v in bbox]
+    bbox = [as_float(v) for v in bbox]
     if not all(math.isfinite(v) for v in bbox):
         return None, "non_finite"
     x, y, w, h = bbox
@@ -177,65 +100,22 @@ def clip_box(bbox, width, height):
     return (x0, y0, x1, y1), None
 
 
-def _check_rle(seg: dict, img: dict, path: str, ann_id, crowd: bool = False) -> bool:
-    """Whether a well-formed RLE has its image's size. Malformed RLE is a DatasetError, and so is a crowd
-    region of the wrong size, which COCO evaluation of this file could not read."""
-    counts, size = seg.get("counts"), seg.get("size")
-    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)
-            and (isinstance(counts, str) or (isinstance(counts, list) and all(_is_int(c) for c in counts)))):
-        raise DatasetError(f"{path}: annotation {ann_id} has an RLE segmentation without 'size' [height, width] "
-                           "(two integers) or with 'counts' neither a str (compressed) nor a list of ints "
-                           "(uncompressed)")
-    if seg["size"] == [img["height"], img["width"]]:
-        runs = _rle_runs(counts) if isinstance(counts, str) else counts
-        if runs is None or any(r < 0 for r in runs) or sum(runs) != img["height"] * img["width"]:
-            raise DatasetError(f"{path}: annotation {ann_id} has an RLE whose counts do not add up to its size "
-                               f"{seg['size']} (height * width pixels); the mask is corrupt")
-        return True
-    if crowd:
-        raise DatasetError(f"{path}: crowd annotation {ann_id} has an RLE of size {seg['size']} (height, width), "
-                           f"but image {img['id']} is {[img['height'], img['width']]}; COCO evaluation needs the "
-                           "region to cover its image exactly")
-    return False
-
-
-def _rle_runs(counts: str):
-    """The run lengths of a compressed COCO RLE string, or None when it is not one. Each run is a
-    little-endian sequence of 5-bit groups stored as characters 48 + group (bit 0x20: another group
-    follows; bit 0x10 of the last group: negative), from the third run on relative to the run two before."""
-    runs, value, shift = [], 0, 0
-    for ch in counts:
-        c = ord(ch) - 48
-        if not 0 <= c < 64:
-            return None
-        value |= (c & 0x1F) << shift
-        shift += 5
-        if c & 0x20:
-            continue
-        if c & 0x10:
-            value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-        value, shift = 0, 0
-    return None if shift else runs
-
-
 def check_segmentation(seg, img: dict, path: str, ann_id):
     """(what `rasterize` takes, or None when no usable polygon is left; the SEGMENTATION_DROPS reason of
     each polygon or RLE left out). A malformed entry (not polygons or RLE) is a DatasetError; an RLE of
     another size than its image is left out (`rle_wrong_size`)."""
     if isinstance(seg, dict):
-        return (seg, []) if _check_rle(seg, img, path, ann_id) else (None, ["rle_wrong_size"])
+        rle = check_rle(seg, img, f"{path}: annotation {ann_id}")
+        return (rle, []) if rle is not None else (None, ["rle_wrong_size"])
     if not isinstance(seg, list):
         raise DatasetError(f"{path}: annotation {ann_id} has segmentation {str(seg)[:80]}; expected polygons "
                            "[[x0, y0, x1, y1, ...], ...] or RLE {'size': [height, width], 'counts': ...}")
     kept, dropped = [], []
     for poly in seg:
-        if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
+        if not (isinstance(poly, list) and all(is_number(v) for v in poly)):
             raise DatasetError(f"{path}: annotation {ann_id} has polygon {str(poly)[:80]}; a polygon is a flat "
                                "list of numbers [x0, y0, x1, y1, ...]")
-        coords = [_as_float(v) for v in poly]
+        coords = [as_float(v) for v in poly]
         if not all(math.isfinite(v) for v in coords):
             dropped.append("polygon_non_finite")
         elif max(map(abs, coords), default=0) > POLYGON_REACH * max(img["height"], img["width"]):
@@ -354,13 +234,22 @@ class CocoDetection(Dataset):
                 f"{dropped}; {'segmentations left out: ' + segmentations + '; ' if segmentations else ''}images without usable "
                 f"boxes: {s['images_without_boxes']}, skipped: {s['images_skipped']}")
 
+    def _check_crowd_rle(self, ann: dict, img: dict):
+        """A crowd region's RLE must be well-formed and of its image's size: COCO evaluation of this file
+        reads it (objects of another size are only left out)."""
+        seg = ann["segmentation"]
+        if check_rle(seg, img, f"{self.ann_file}: annotation {ann['id']}") is None:
+            raise DatasetError(f"{self.ann_file}: crowd annotation {ann['id']} has an RLE of size {seg['size']} "
+                               f"(height, width), but image {img['id']} is {[img['height'], img['width']]}; COCO "
+                               "evaluation needs the region to cover its image exactly")
+
     def _record(self, img: dict) -> dict:
         boxes, labels, kept, segmentations = [], [], [], []
         for ann in self.coco.imgToAnns[img["id"]]:
             if ann.get("iscrowd", 0):
                 self.stats["crowd"] += 1
                 if self.with_masks and isinstance(ann.get("segmentation"), dict):
-                    _check_rle(ann["segmentation"], img, self.ann_file, ann["id"], crowd=True)
+                    self._check_crowd_rle(ann, img)
                 continue
             if ann["category_id"] not in self.category_id_to_label:
                 self.stats["other_category"] += 1
@@ -394,6 +283,12 @@ class CocoDetection(Dataset):
         return [r["size"][1] >= r["size"][0] for r in self.records]
 
     @property
+    def image_ids(self) -> List[int]:
+        """Per item: its image id. An item whose target names another id was skipped (skip_bad_images)
+        and stands in for the next readable image."""
+        return [r["image_id"] for r in self.records]
+
+    @property
     def num_skipped(self) -> int:
         """Unreadable images skipped so far by this process (each DataLoader worker counts its own)."""
         return self.reader.num_skipped
@@ -419,10 +314,13 @@ class CocoDetection(Dataset):
         masks = rasterize(record["segmentations"], *record["size"]) if self.with_masks else None
         if self.mapper is not None:
             args = (image, boxes, labels) if seed is None else (image, boxes, labels, seed)
-            if self.with_masks:
-                image, boxes, labels, masks = self.mapper(*args, masks=masks)
-            else:
-                image, boxes, labels = self.mapper(*args)
+            try:
+                if self.with_masks:
+                    image, boxes, labels, masks = self.mapper(*args, masks=masks)
+                else:
+                    image, boxes, labels = self.mapper(*args)
+            except DatasetError as e:  # the mapper sees arrays only; the message names their file
+                raise DatasetError(f"{record['path']} (image {record['image_id']} of {self.ann_file}): {e}") from None
         target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).reshape(-1, 4),
                   "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64)).reshape(-1),
                   "image_id": record["image_id"], "orig_size": record["size"]}

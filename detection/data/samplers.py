@@ -17,6 +17,7 @@ from torch.utils.data import Sampler
 
 from engine.data.samplers import sample_seed
 from engine.distributed import shard
+from engine.errors import ConfigError, DatasetError
 
 
 class TrainingSampler(Sampler):
@@ -25,7 +26,8 @@ class TrainingSampler(Sampler):
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if size <= 0:
-            raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
+            raise DatasetError(f"TrainingSampler needs a non-empty dataset, got size {size}: the training set has "
+                               "no images (or none left after filtering those without annotations)")
         if not 0 <= rank < world_size:
             raise ValueError(f"TrainingSampler: rank {rank} is not in [0, world_size={world_size})")
         self.size, self.seed, self.shuffle, self.rank, self.world_size = size, seed, shuffle, rank, world_size
@@ -53,7 +55,8 @@ class AspectRatioGroupedBatchSampler(Sampler):
 
     def __init__(self, sampler, landscape: Sequence[bool], batch_size: int, seed: int, start_batch: int = 0):
         if batch_size <= 0:
-            raise ValueError(f"AspectRatioGroupedBatchSampler: batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"AspectRatioGroupedBatchSampler: batch_size (solver.ims_per_batch per process) must be "
+                              f"positive, got {batch_size}")
         self.sampler, self.landscape, self.batch_size = sampler, [bool(x) for x in landscape], batch_size
         self.seed, self.start_batch = seed, start_batch
 

@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 
+from engine.errors import ConfigError
+
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "triangle", "supercategory": "shape"},
@@ -160,7 +162,7 @@ def render_image(rng, height, width):
     area (visible pixels) and iscrowd 0. `rng` is a numpy Generator.
     """
     if min(height, width) < 2 * MIN_SIZE:
-        raise ValueError(f"render_image: image size {height}x{width} is below {2 * MIN_SIZE} px, "
+        raise ConfigError(f"render_image: image size {height}x{width} is below {2 * MIN_SIZE} px, "
                          f"too small for objects of at least {MIN_SIZE} px")
     canvas = _background(rng, height, width)
     owner = np.full((height, width), -1, np.int16)
@@ -190,7 +192,7 @@ def render_crop(rng, category_id, crop_size):
     The object spans 30-70 % of the crop, so that even a rotated square fits inside it.
     """
     if crop_size < 2 * MIN_SIZE:
-        raise ValueError(f"render_crop: crop_size {crop_size} is below {2 * MIN_SIZE} px")
+        raise ConfigError(f"render_crop: crop_size {crop_size} is below {2 * MIN_SIZE} px")
     canvas = _background(rng, crop_size, crop_size)
     owner = np.full((crop_size, crop_size), -1, np.int16)
     mask = _shape_mask(rng, category_id, rng.uniform(0.3, 0.7) * crop_size, crop_size, crop_size)
@@ -207,7 +209,7 @@ def _write_png(path, image):
 
 def _check_seed(seed):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"synthetic shapes: seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"synthetic shapes: seed must be a non-negative integer, got {seed!r}")
 
 
 def _prepare_folder(folder):

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from pycocotools.cocoeval import COCOeval
 
 from engine.data.decode import read_json
 from engine.errors import ConfigError, DatasetError
+
+from ..data.coco_format import check_coco_structure, check_rle, is_finite_number, is_int, short
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def _gt_name(gt: COCO) -> str:
 
 
 def _check_gt(data: Any, name: str) -> None:
-    from detection.data.coco import check_coco_structure
-
     if not isinstance(data, dict):
         raise DatasetError(f"{name}: a COCO annotation file is a JSON object with images, annotations "
                            f"and categories, got a {type(data).__name__}")
@@ -119,7 +118,7 @@ def _check_gt(data: Any, name: str) -> None:
         problem = _box_problem(ann.get("bbox"), "bbox")
         if problem is not None:
             raise DatasetError(f"{prefix}: {problem}")
-        if not _is_number(ann.get("area")):
+        if not is_finite_number(ann.get("area")):
             # COCOeval sorts ground truth into small/medium/large by this field, not by the box.
             raise DatasetError(f"{prefix}: 'area' is missing or not a number")
 
@@ -155,14 +154,14 @@ def load_results(results_or_path: list | str | os.PathLike, coco_gt: COCO | str 
             if key not in det:
                 raise DatasetError(f"{prefix}: missing '{key}'")
         for key in ("image_id", "category_id"):
-            if not _is_int(det[key]):
+            if not is_int(det[key]):
                 raise DatasetError(f"{prefix}: {key} must be an integer, got {det[key]!r}")
             det[key] = int(det[key])
         if det["image_id"] not in gt.imgs:
             raise DatasetError(f"{prefix}: image_id {det['image_id']} is not in the ground truth ({gt_name})")
         if det["category_id"] not in gt.cats:
             unknown_cats.setdefault(det["category_id"], i)
-        if not _is_number(det["score"]):
+        if not is_finite_number(det["score"]):
             raise DatasetError(f"{prefix}: score must be a finite number, got {det['score']!r}")
         det["score"] = float(det["score"])
         if "bbox" not in det and "segmentation" not in det:
@@ -173,7 +172,13 @@ def load_results(results_or_path: list | str | os.PathLike, coco_gt: COCO | str 
                 raise DatasetError(f"{prefix}: {problem}")
             det["bbox"] = [float(v) for v in det["bbox"]]
         if "segmentation" in det:
-            det["segmentation"] = _check_rle(det["segmentation"], gt.imgs[det["image_id"]], prefix)
+            img = gt.imgs[det["image_id"]]
+            rle = check_rle(det["segmentation"], img, prefix, results=True)
+            if rle is None:
+                raise DatasetError(f"{prefix}: segmentation size {list(det['segmentation']['size'])} is not the "
+                                   f"size [height, width] = {[img['height'], img['width']]} of image {img['id']}; "
+                                   "masks must be pasted at the original resolution")
+            det["segmentation"] = rle
         out.append(det)
     if unknown_cats:
         raise DatasetError(_unknown_categories_message(name, unknown_cats, gt))
@@ -194,34 +199,12 @@ def iou_types_of(results: list[dict]) -> list[str]:
 
 def _box_problem(box: Any, key: str) -> str | None:
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        return f"{key} must be [x, y, width, height] (4 numbers), got {_short(box)}"
-    if not all(_is_number(v) for v in box):
-        return f"{key} must be 4 finite numbers, got {_short(box)}"
+        return f"{key} must be [x, y, width, height] (4 numbers), got {short(box)}"
+    if not all(is_finite_number(v) for v in box):
+        return f"{key} must be 4 finite numbers, got {short(box)}"
     if box[2] < 0 or box[3] < 0:
-        return f"{key} {_short(box)} has a negative width or height; COCO boxes are [x, y, width, height]"
+        return f"{key} {short(box)} has a negative width or height; COCO boxes are [x, y, width, height]"
     return None
-
-
-def _check_rle(seg: Any, img: dict, prefix: str) -> dict:
-    usage = ("segmentation must be compressed RLE {'size': [height, width], 'counts': str} as "
-             "pycocotools.mask.encode makes it (counts decoded to str)")
-    if not isinstance(seg, Mapping) or set(seg) != {"size", "counts"}:
-        # loadRes computes the area with mask.area, which takes only RLE; polygons would crash there.
-        raise DatasetError(f"{prefix}: {usage}; got {_short(seg)}")
-    counts = seg["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if not isinstance(counts, str):
-        raise DatasetError(f"{prefix}: {usage}; got counts of type {type(counts).__name__}")
-    size = seg["size"]
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(_is_int(v) for v in size)):
-        raise DatasetError(f"{prefix}: segmentation size must be [height, width], got {_short(size)}")
-    expected = [img.get("height"), img.get("width")]
-    if None not in expected and list(size) != expected:
-        raise DatasetError(f"{prefix}: segmentation size {list(size)} is not the size [height, width] = "
-                           f"{expected} of image {img['id']}; masks must be pasted at the original resolution")
-    return {"size": [int(v) for v in size], "counts": counts}
 
 
 def _unknown_categories_message(name: str, unknown: dict[int, int], gt: COCO) -> str:
@@ -379,12 +362,12 @@ def check_categories(categories: Any, coco_gt: COCO | None = None, key: str = "d
     """Check `data.categories` ([{id: int, name: str}, ...]); with `coco_gt`, also that they are the
     ground truth's categories, since results map class index i to categories[i].id."""
     if not isinstance(categories, list):
-        raise ConfigError(f"config key '{key}' expects a list of {{id: int, name: str}}, got {_short(categories)}")
+        raise ConfigError(f"config key '{key}' expects a list of {{id: int, name: str}}, got {short(categories)}")
     ids, names = set(), set()
     for i, cat in enumerate(categories):
         where = f"config key '{key}[{i}]'"
         if not isinstance(cat, Mapping) or set(cat) != {"id", "name"}:
-            raise ConfigError(f"{where} must be a mapping {{id: int, name: str}}, got {_short(cat)}")
+            raise ConfigError(f"{where} must be a mapping {{id: int, name: str}}, got {short(cat)}")
         if not isinstance(cat["id"], int) or isinstance(cat["id"], bool):
             raise ConfigError(f"{where}: id must be an integer, got {cat['id']!r}")
         if not isinstance(cat["name"], str) or not cat["name"]:
@@ -454,13 +437,14 @@ def evaluate_results_file(cfg: Mapping, results_path: str | os.PathLike) -> dict
     return evaluate_and_write(cfg, gt, results, str(results_path))
 
 
-def evaluate_and_write(cfg: Mapping, gt: COCO, results: list[dict], name: str,
-                       iou_types: list[str] | None = None) -> dict[str, CocoEvalResult]:
-    """Evaluate checked results (`load_results`) with test.evaluator_backend and write them to
-    output_dir, as tools/eval_det.py does for a results file and for a model's own detections."""
+def evaluate_and_write(cfg: Mapping, gt: COCO, results: list[dict], name: str, iou_types: list[str] | None = None,
+                       img_ids: list[int] | None = None) -> dict[str, CocoEvalResult]:
+    """Evaluate checked results (`load_results`) with test.evaluator_backend over `img_ids` (default:
+    every ground-truth image) and write them to output_dir, as tools/eval_det.py does for a results file
+    and for a model's own detections."""
     backend = cfg["test"]["evaluator_backend"]
     iou_types = iou_types or iou_types_of(results) or ["bbox"]
-    reports = {t: _evaluate(gt, results, name, t, backend, None) for t in iou_types}
+    reports = {t: _evaluate(gt, results, name, t, backend, img_ids) for t in iou_types}
     write_eval_outputs(cfg["output_dir"], results, {t: r.metrics for t, r in reports.items()},
                        {t: r.per_category for t, r in reports.items()}, {t: r.summary for t, r in reports.items()})
     return reports
@@ -483,22 +467,3 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(v) for v in value]
     return value
-
-
-def _is_number(value: Any) -> bool:
-    # Exact-type checks first: isinstance against the numbers ABCs costs about a microsecond, which a
-    # full COCO results list (500k detections x 6 numbers) turns into seconds.
-    if type(value) is float:
-        return math.isfinite(value)
-    if type(value) is int:
-        return True
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

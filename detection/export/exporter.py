@@ -3,13 +3,12 @@
 `ExportableDetector(model)(image)` with one (3, H, W) RGB tensor (uint8, or float in [0, 1]) returns
 `boxes` (N, 4) xyxy in the image's pixels, `labels` (N,) int64, `scores` (N,) and, for a Mask R-CNN,
 `masks` (N, 1, M, M): each detection's mask probabilities over its box, not yet pasted into the image
-(`segmentation.paste_masks(masks, boxes, (H, W))` does that outside the graph, as the eager model does).
-Pre-processing (normalise, resize, pad) and the boxes' return to the caller's pixels are in the graph.
+(`segmentation.paste_masks(masks, boxes, (H, W))` does that outside the graph, as the eager model's
+`render` does).
 
-The eager model's pre-processing decides sizes with Python `min` and `math.ceil`, which torch.export and
-torch.jit.trace would fix to the example image's size. Here the same float64 arithmetic runs on tensors
-while a graph is recorded (the resized size becomes an unbacked SymInt under torch.export, a traced
-value under torch.jit.trace) and the padding is integer division, so one file serves every image size.
+The graph is the eager model's own `predict` (pre-processing, backbone, RPN, RoI heads, post-processing
+with its drop_empty_boxes), recorded, so the two cannot part. That code keeps every size symbolic where a
+graph is recorded (detection/resize.py, detection/preprocess.py): one file serves every image size.
 ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`, the supported exporter in torch 2.9+;
 the TorchScript-based one is deprecated), TorchScript through `torch.jit.trace` (deprecated as well, kept
 for C++ loaders); the model code avoids what either cannot record (see `structures.known_zero`,
@@ -22,12 +21,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ExportError
 
-from ..structures import ImageBatch
+from ..resize import RESIZE_MODES
 
 FORMATS = ("onnx", "torchscript")
 OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -35,74 +33,20 @@ OUTPUTS = ("boxes", "labels", "scores", "masks")
 MIN_SIDE, MAX_SIDE = 32, 4096
 
 
-class _Batch(ImageBatch):
-    """An ImageBatch whose (1, 2) size tensor is built in the graph, not from Python ints."""
-
-    def __init__(self, tensor, image_sizes, sizes):
-        super().__init__(tensor, image_sizes)
-        self._sizes = sizes
-
-    def sizes_tensor(self) -> torch.Tensor:
-        return self._sizes
-
-
-def _as_float(size, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim float32 tensor holding a size: an int or SymInt (torch.tensor would pin a SymInt to its
-    value), or the 0-dim tensor torch.jit.trace gives for a size."""
-    if isinstance(size, torch.Tensor):
-        return size.to(torch.float32)
-    return torch.full((), size, dtype=torch.float32, device=like.device)
-
-
-def resized_size(h, w, min_size: float, max_size: float):
-    """Preprocessor.resize's output size int(h * scale), int(w * scale), with the scale of
-    `preprocess.resized_scale` in float64 as Python computes it, for ints and for 0-dim tensors (float64
-    tensor arithmetic rounds as Python's floats do)."""
-    if isinstance(h, torch.Tensor):
-        h, w = h.double(), w.double()
-        scale = torch.minimum(min_size / torch.minimum(h, w), max_size / torch.maximum(h, w))
-        return (h * scale).long(), (w * scale).long()  # truncation, as int()
-    scale = torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
-    return torch.sym_int(h * scale), torch.sym_int(w * scale)
-
-
 class ExportableDetector(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        mode = getattr(model.preprocessor, "resize_mode", "interpolate")
-        if mode != "interpolate":
+        mode = model.preprocessor.resize_mode
+        if not RESIZE_MODES[mode].graph:
             raise ExportError(f"input.resize_mode={mode} resizes with PIL, which a graph cannot hold; export with "
                               "input.resize_mode=interpolate (detections then differ slightly from PIL's)")
         self.model = model.eval()
         self.has_masks = hasattr(model.roi_heads, "mask_head")
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        m, p = self.model, self.model.preprocessor
-        h, w = image.shape[-2:]
-        if torch.compiler.is_compiling():
-            # As unbacked SymInts (values known only when the graph runs): every later size is then a short
-            # expression in them, not in the float arithmetic above, which keeps torch.export fast.
-            sizes = resized_size(_as_float(h, image).double(), _as_float(w, image).double(), p.min_size_test,
-                                 p.max_size_test)
-            rh, rw = sizes[0].item(), sizes[1].item()
-            torch._check(rh >= 1)
-            torch._check(rw >= 1)
-        else:
-            rh, rw = resized_size(h, w, p.min_size_test, p.max_size_test)
-        x = F.interpolate(p.normalize(image)[None], size=(rh, rw), mode="bilinear", align_corners=False)
-        d = p.size_divisibility
-        x = F.pad(x, (0, (rw + d - 1) // d * d - rw, 0, (rh + d - 1) // d * d - rh))  # zero = the mean pixel
-        x = x.contiguous(memory_format=p.memory_format)
-        resized = torch.stack([_as_float(rh, x), _as_float(rw, x)])
-        batch = _Batch(x, [(rh, rw)], resized[None])
-        features = m.backbone(batch.tensor)
-        proposals, _ = m.rpn(batch, features)
-        detections, _ = m.roi_heads(features, proposals, batch.sizes_tensor())
+        detections, _ = self.model.predict([image])
         det = detections[0]
-        # Preprocessor.postprocess (scale_boxes): one float32 ratio per axis.
-        ry, rx = (torch.stack([_as_float(h, x), _as_float(w, x)]) / resized).unbind()
-        boxes = det["boxes"] * torch.stack([rx, ry, rx, ry]).to(det["boxes"].dtype)
-        out = (boxes, det["labels"], det["scores"])
+        out = (det["boxes"], det["labels"], det["scores"])
         return out + (det["masks"],) if self.has_masks else out
 
 

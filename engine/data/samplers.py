@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from engine.errors import ConfigError
+
 
 def sample_seed(*entropy: int) -> int:
     """A 32-bit seed from integers such as (seed, epoch) or (seed, epoch, position); SeedSequence spreads
@@ -43,11 +45,14 @@ class EpochBatchSampler(Sampler):
     def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
                  world_size: int = 1):
         if batch_size <= 0:
-            raise ValueError(f"EpochBatchSampler: batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"EpochBatchSampler: batch_size (solver.ims_per_batch) must be positive, "
+                              f"got {batch_size}")
         if size < batch_size:
-            raise ValueError(f"EpochBatchSampler: {size} items do not fill one batch of {batch_size}")
+            raise ConfigError(f"EpochBatchSampler: {size} items do not fill one batch of {batch_size}; lower "
+                              "solver.ims_per_batch or use more data")
         if batch_size % world_size:
-            raise ValueError(f"EpochBatchSampler: batch_size {batch_size} is not divisible by {world_size} processes")
+            raise ConfigError(f"EpochBatchSampler: batch_size {batch_size} is not divisible by {world_size} "
+                              "processes; set solver.ims_per_batch to a multiple of the process count")
         self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
         self.batches_per_epoch = size // batch_size
         per = batch_size // world_size

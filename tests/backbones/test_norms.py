@@ -1,5 +1,3 @@
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -38,7 +36,7 @@ def test_get_norm_errors():
 def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     """Without gradients a fixed affine norm is folded into the convolution: the same output up to float
     rounding, and the norm's own forward never runs."""
-    from backbones.norms import FoldedSequential, conv_norm, unfolded_norms
+    from backbones.norms import FoldedSequential, conv_norm
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=kind == "eval BN")
@@ -57,8 +55,8 @@ def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sequential, expected.relu(), rtol=1e-5, atol=1e-5)
     # the arithmetic of frameworks that do not fold, exactly: the same conv and norm calls in one process
-    with torch.no_grad(), unfolded_norms():
-        assert torch.equal(conv_norm(conv, norm, x), expected) and len(calls) == 1
+    with torch.no_grad():
+        assert torch.equal(conv_norm(conv, norm, x, fold=False), expected) and len(calls) == 1
     calls.clear()
     # With gradients wanted (a trainable convolution before FrozenBN): folded as well, with the gradients
     # of the unfolded arithmetic up to float rounding, for the convolution and for a trainable norm.
@@ -66,8 +64,7 @@ def test_conv_norm_folds_a_fixed_norm_into_the_convolution(kind):
     for fold in (True, False):
         conv.zero_grad()
         norm.zero_grad()
-        with contextlib.nullcontext() if fold else unfolded_norms():
-            out = conv_norm(conv, norm, x)
+        out = conv_norm(conv, norm, x, fold=fold)
         assert out.requires_grad and bool(calls) != fold
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # folding's rounding, as above
         (out * torch.linspace(-1, 1, 12)).sum().backward()
@@ -88,3 +85,74 @@ def test_conv_norm_leaves_training_batchnorm_alone():
     # normalised by the batch: the batch mean and this mean are float32 sums of 75 values of size ~1, about
     # 75 u = 4.5e-6 at worst (measured 4.5e-8)
     assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)
+
+
+def test_conv_norm_leaves_a_padding_mode_other_than_zeros_unfolded():
+    from backbones.norms import conv_norm
+
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=False)
+    norm = randomize_norms(FrozenBatchNorm2d(6))
+    x = torch.randn(2, 4, 7, 9)
+    calls = []
+    norm.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        # nn.Conv2d pads by reflection itself; folding would skip that, so the pair runs as written
+        assert torch.equal(conv_norm(conv, norm, x), norm(conv(x))) and len(calls) == 2
+
+
+def test_folding_is_each_models_own_setting():
+    """`unfolded_norms(model)` and `set_norm_folding` act on the modules of the model they are given, and
+    `unfolded_norms` gives back each module's own setting; another model is untouched (no global switch)."""
+    import backbones
+    from backbones.norms import FoldsNorms, set_norm_folding, unfolded_norms
+
+    torch.manual_seed(0)
+    model = randomize_norms(backbones.resnet18(norm="FrozenBN")).eval()
+    other = backbones.resnet18(norm="FrozenBN").eval()
+    folding = [m for m in model.modules() if isinstance(m, FoldsNorms)]
+    assert len(folding) == 1 + 8 + 3  # the stem, 8 blocks, 3 projection shortcuts
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    model.stem.norm1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        folded = model(x)
+        assert not calls
+        model.res2[0].fold_norms = False
+        with unfolded_norms(model):
+            assert all(not m.fold_norms for m in folding) and all(m.fold_norms for m in other.modules()
+                                                                 if isinstance(m, FoldsNorms))
+            unfolded = model(x)
+            assert calls == [1]
+        assert [m.fold_norms for m in folding] == [m is not model.res2[0] for m in folding]
+        set_norm_folding(model, True)
+        assert torch.equal(model(x), folded)
+    # folding's rounding through 18 layers: logits of size ~10 agree to a few hundred u (measured 2e-6)
+    torch.testing.assert_close(unfolded, folded, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["resnet50", "resnet_fpn"])
+def test_torch_jit_script_gives_the_eager_outputs(name):
+    """torch.jit.script of a classifier (BN, eval mode) and a FrozenBN FPN backbone, as Detectron2's backbone
+    tests script theirs. Scripted code cannot pass modules to a function, so it runs each norm after its
+    convolution: the eager model's arithmetic under `unfolded_norms`, the same kernels in the same order."""
+    import backbones
+    from backbones.norms import unfolded_norms
+
+    torch.manual_seed(0)
+    model = backbones.resnet50() if name == "resnet50" else backbones.resnet_fpn(50, norm="FrozenBN")
+    model = randomize_norms(model).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager, script = model(x), scripted(x)
+        with unfolded_norms(model):
+            unfolded = model(x)
+    if name == "resnet50":
+        eager, script, unfolded = {"logits": eager}, {"logits": script}, {"logits": unfolded}
+    assert list(script) == list(eager)
+    for key in eager:
+        assert torch.equal(script[key], unfolded[key]), key
+        # Against the folded eager model: folding rounds each weight x scale once per layer, through ~50
+        # layers; measured 1.5e-6 of the largest output (~60-300), so 2e-5 of it is over 10 times that.
+        torch.testing.assert_close(script[key], eager[key], rtol=0, atol=2e-5 * eager[key].abs().max().item())

@@ -6,8 +6,9 @@ from PIL import Image
 
 from detection.anchors import cell_anchors
 from detection.poolers import assign_levels
-from detection.preprocess import Preprocessor, detectron2_resized_size
+from detection.preprocess import Preprocessor
 from detection.rcnn import drop_empty_boxes
+from detection.resize import detectron2_resized_size
 from segmentation.paste import paste_masks
 
 

@@ -4,7 +4,8 @@ import torch
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.ops import box_iou
 
-from detection.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher, sample_balanced
+from detection.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from detection.sampler import sample_balanced
 from detection.structures import batched_box_iou, pad_boxes
 from engine.errors import ConfigError
 

@@ -1,4 +1,8 @@
 """FPN level assignment and multi-scale RoIAlign against torchvision.ops.poolers."""
+import copy
+import functools
+import os
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -125,30 +129,58 @@ def test_non_consecutive_strides_raise_config_error():
 
 
 @pytest.mark.parametrize("images", [1, 2, 3])
-def test_threaded_roi_align_gives_torchvisions_values_and_gradients_to_the_bit(images, monkeypatch):
+def test_threaded_roi_align_gives_torchvisions_values_and_gradients_to_the_bit(images):
     """The threaded path (RoI blocks forward, one image per thread backward) against one torchvision call;
     `roi_align` takes it with 2+ threads and enough RoIs."""
     from detection import poolers
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threaded = functools.partial(poolers.roi_align, threads=poolers.RoIAlignThreads(2))
     feature = torch.randn(images, 16, 40, 56, requires_grad=True)
     boxes = random_boxes(150, images, 160, 224)
     rois = torch.cat([(torch.arange(150) % images).float()[:, None], boxes], 1)
     grad = torch.randn(150, 16, 7, 7)
     results = []
-    for fn in (roi_align, poolers.roi_align):
+    for fn in (roi_align, threaded):
         out = fn(feature, rois, (7, 7), 0.25, 2, False)
         out.backward(grad)
         results.append((out.detach(), feature.grad))
         feature.grad = None
-    assert type(poolers.roi_align(feature, rois, (7, 7), 0.25, 2, False).grad_fn).__name__ == "_ThreadedRoIAlignBackward"
+    assert type(threaded(feature, rois, (7, 7), 0.25, 2, False).grad_fn).__name__ == "_ThreadedRoIAlignBackward"
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     # Channels-last features and an image without RoIs.
     cl = feature.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     keep = rois[:, 0] != images - 1
-    out = poolers.roi_align(cl, rois[keep], (7, 7), 0.25, 2, False)
+    out = threaded(cl, rois[keep], (7, 7), 0.25, 2, False)
     out.sum().backward()
     expected = roi_align(feature.detach(), rois[keep], (7, 7), 0.25, 2, False)
     assert torch.equal(out, expected) and cl.grad.shape == feature.shape
     if images > 1:
         assert cl.grad[images - 1].abs().sum() == 0 and cl.grad[0].abs().sum() > 0
+
+
+def test_the_pooler_owns_its_threads_and_copies_without_them():
+    """No process-wide pool: each MultiScaleRoIAlign makes its own on first use, with the count it was given
+    (or torch's); a copy or a pickle carries the setting, never the threads, and a forked child (another
+    process id) makes a pool of its own."""
+    from detection import poolers
+
+    assert not any(isinstance(v, poolers.ThreadPoolExecutor) for v in vars(poolers).values())
+    features = _features(9, 2, 256, 256)
+    boxes = [random_boxes(150, 10, 256, 256, min_size=60.0), random_boxes(120, 11, 256, 256, min_size=60.0)]
+    single = MultiScaleRoIAlign(SHAPES, 7, threads=1)
+    threaded = MultiScaleRoIAlign(SHAPES, 7, threads=2)
+    assert single.threads.count() == 1 and threaded.threads.count() == 2
+    assert MultiScaleRoIAlign(SHAPES, 7).threads.count() == torch.get_num_threads()
+    assert single.threads._executor is None and threaded.threads._executor is None  # made on first use
+    expected = single(features, boxes)
+    assert single.threads._executor is None
+    assert torch.equal(threaded(features, boxes), expected)  # the same kernel calls, split over threads
+    pool = threaded.threads._executor
+    assert pool is not None and threaded.threads._executor_size == 2
+    for clone in (copy.deepcopy(threaded), pickle.loads(pickle.dumps(threaded))):
+        assert clone.threads.threads == 2 and clone.threads._executor is None
+        assert torch.equal(clone(features, boxes), expected) and clone.threads._executor is not pool
+    assert threaded.threads._executor is pool  # reused while the process is the same
+    threaded.threads._executor_pid = os.getpid() + 1  # as in a forked child: the parent's pool has no threads
+    assert torch.equal(threaded(features, boxes), expected) and threaded.threads._executor is not pool
+    assert threaded.threads._executor_pid == os.getpid()

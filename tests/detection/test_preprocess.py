@@ -1,10 +1,15 @@
-"""Pre-processing against torchvision's GeneralizedRCNNTransform; pixel formats; input validation."""
+"""Pre-processing against torchvision's GeneralizedRCNNTransform; pixel formats; input validation; the one
+resize of the loader, the model and export."""
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detection.build import build_preprocessor
+from detection.data.mapper import build_det_transform, transform_from_config
 from detection.preprocess import Preprocessor, check_targets
+from detection.resize import detectron2_resized_size, resized_size
 from engine.config import Config
 from engine.errors import ConfigError
 
@@ -182,8 +187,8 @@ def test_bad_configuration_raises_config_error():
 
 def test_training_without_model_resize_keeps_sizes_and_boxes():
     # The trainer's data pipeline resizes with albumentations; the model then only normalises and pads.
-    pre = Preprocessor((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_size_train=(64,), max_size_train=64).train()
-    pre.resize_in_training = False
+    pre = Preprocessor((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_size_train=(64,), max_size_train=64,
+                       resize_in_training=False).train()
     images = [torch.rand(3, 50, 70), torch.rand(3, 61, 40)]
     boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0]])
     batch, targets, _ = pre(images, [{"boxes": boxes, "labels": torch.tensor([1])}] * 2)
@@ -192,3 +197,60 @@ def test_training_without_model_resize_keeps_sizes_and_boxes():
     torch.testing.assert_close(batch.tensor[1, :, :61, :40], (images[1] - 0.5) / 0.25)  # the same two float32 ops
     pre.eval()  # evaluation still resizes, to min_size_test
     assert pre(images)[0].image_sizes[0] != (50, 70)
+
+
+# One resize (detection/resize.py) for the data loader, the model and the exported graph.
+
+SHAPES = [(180, 270), (240, 300), (100, 400), (97, 131), (427, 640), (640, 427), (333, 500), (1, 5000)]
+
+
+@pytest.mark.parametrize("min_size, max_size", [(200, 320), (800, 1333), (37, 50)])
+def test_one_size_rule_for_ints_traced_tensors_and_f_interpolate(min_size, max_size):
+    for h, w in SHAPES:
+        size = resized_size(h, w, float(min_size), float(max_size))
+        traced = resized_size(torch.tensor(h), torch.tensor(w), float(min_size), float(max_size))
+        assert tuple(int(s) for s in traced) == size, (h, w)
+        if h == 1:  # a side that would round to 0 (where F.interpolate raises) is 1, as the loader's always was
+            assert size[0] == 1
+            continue
+        # torchvision's way: F.interpolate rounds the size it computes from the scale factor
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        out = F.interpolate(torch.zeros(1, 1, h, w), scale_factor=scale, recompute_scale_factor=True)
+        assert size == tuple(out.shape[-2:]), (h, w)
+
+
+def test_loader_and_model_resize_alike_in_pil_mode():
+    g = torch.Generator().manual_seed(8)
+    image = torch.randint(0, 256, (3, 61, 90), generator=g, dtype=torch.uint8)
+    loader = build_det_transform(False, min_size_test=40, max_size_test=1000, resize_mode="pil")
+    resized, _, _ = loader(image.permute(1, 2, 0).numpy(), np.zeros((0, 4), np.float32), [])
+    model = Preprocessor(D2_MEAN, D2_STD, "BGR", 255.0, min_size_test=40, max_size_test=1000, resize_mode="pil").eval()
+    assert torch.equal(torch.from_numpy(resized).permute(2, 0, 1), model.resize(image))
+    assert resized.shape[:2] == detectron2_resized_size(61, 90, 40, 1000) == (40, 59)  # 59.02: rounded
+
+
+def test_unknown_resize_mode_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown input.resize_mode 'cubic'; valid: interpolate, pil"):
+        Preprocessor(MEAN, STD, resize_mode="cubic")
+    with pytest.raises(ConfigError, match="valid: interpolate, pil"):
+        build_det_transform(False, resize_mode="cubic")
+
+
+def test_input_train_resize_decides_at_construction_who_resizes_training_images():
+    def built(**keys):
+        return Config.from_dict({"input": {"min_size_train": [64], "max_size_train": 64, **keys}})
+
+    images = [torch.rand(3, 50, 70)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}]
+    # The default, as the trainer runs: the loader's mapper resizes, the model does not.
+    loader_cfg = built()
+    assert [type(t).__name__ for t in transform_from_config(loader_cfg, train=True).compose.transforms] == [
+        "ResizeShortestEdge", "HorizontalFlip"]
+    assert build_preprocessor(loader_cfg).train()(images, targets)[0].image_sizes == [(50, 70)]
+    # torchvision's contract: the model resizes, the loader only flips.
+    model_cfg = built(train_resize="model")
+    assert [type(t).__name__ for t in transform_from_config(model_cfg, train=True).compose.transforms] == [
+        "HorizontalFlip"]
+    assert build_preprocessor(model_cfg).train()(images, targets)[0].image_sizes == [(45, 64)]
+    with pytest.raises(ConfigError, match="input.lsj_size needs input.train_resize=loader"):
+        transform_from_config(built(train_resize="model", lsj_size=64), train=True)

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from backbones.norms import unfolded_norms
+from backbones.norms import set_norm_folding
 from backbones.weights import load_state_dict
 from detection import build_detector
 from detection.conversion import from_torchvision_detector
@@ -14,9 +14,10 @@ from engine.config import Config
 from tests.conftest import REPO
 
 TORCHVISION_CONFIG = REPO / "configs" / "torchvision" / "frcnn_r50_fpn.yaml"
-# Small inputs on both sides so that ResNet-50 runs in well under a second on two cores.
+# Small inputs on both sides so that ResNet-50 runs in well under a second on two cores; in training
+# ours resizes inside the model, as torchvision does.
 SIZE_OVERRIDES = ["input.min_size_test=200", "input.max_size_test=320",
-                  "input.min_size_train=[200]", "input.max_size_train=320"]
+                  "input.min_size_train=[200]", "input.max_size_train=320", "input.train_resize=model"]
 
 
 def _freeze_norms(module, g):
@@ -36,15 +37,6 @@ def _freeze_norms(module, g):
             _freeze_norms(child, g)
 
 
-@pytest.fixture(autouse=True)
-def torchvision_arithmetic():
-    """Norms applied after the convolutions, as torchvision does, not folded into them: these tests pin
-    proposals and detections to torchvision's on purpose-made ties (objectness and class scores scaled by
-    30 saturate), where a last-bit difference in the features reorders equal scores."""
-    with unfolded_norms():
-        yield
-
-
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
@@ -55,7 +47,10 @@ def pair():
         # Spread the class scores (and the objectness) out, so that thresholds, NMS and ranking matter.
         tv.roi_heads.box_predictor.cls_score.weight.mul_(30)
         tv.rpn.head.cls_logits.weight.mul_(30)
-    ours = build_detector(TORCHVISION_CONFIG, SIZE_OVERRIDES)
+    # Norms applied after the convolutions, as torchvision does, not folded into them: these tests pin
+    # proposals and detections to torchvision's on purpose-made ties (objectness and class scores scaled by
+    # 30 saturate), where a last-bit difference in the features reorders equal scores.
+    ours = set_norm_folding(build_detector(TORCHVISION_CONFIG, SIZE_OVERRIDES), False)
     report = load_state_dict(ours, from_torchvision_detector(tv.state_dict()))
     assert not report.missing and not report.unexpected
     return tv.eval(), ours.eval()
@@ -162,15 +157,21 @@ def test_proposal_selection_equals_torchvision_filter_proposals(post_nms):
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
-    from backbones.base import ShapeSpec
-    from detection.rpn import RPN
+    from detection.anchors import AnchorGenerator
+    from detection.box_coder import BoxCoder
+    from detection.matcher import Matcher
+    from detection.rpn import RPN, ProposalSelection, RPNHead
+    from detection.sampler import BalancedSampler
     from detection.structures import ImageBatch
 
     image_sizes = [(90, 120), (128, 100)]
     counts = [600, 150, 40]  # anchors per level; the first exceeds pre_nms_topk
-    ours = RPN({n: ShapeSpec(8, s) for n, s in zip("abc", (8, 16, 32))}, anchor_sizes=[[32], [64], [128]],
-               aspect_ratios=[[1.0]], pre_nms_topk_test=100, post_nms_topk_test=post_nms, nms_thresh=0.6,
-               min_box_size=1e-3, score_thresh=0.3).eval()
+    ours = RPN(in_features=list("abc"), head=RPNHead(in_channels=8, num_anchors=1),
+               anchor_generator=AnchorGenerator([[32], [64], [128]], [[1.0]] * 3, [8, 16, 32]),
+               matcher=Matcher((0.3, 0.7), allow_low_quality_matches=True), sampler=BalancedSampler(256, 0.5),
+               box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)),
+               selection=ProposalSelection(pre_nms_topk_test=100, post_nms_topk_test=post_nms, nms_thresh=0.6,
+                                           min_box_size=1e-3, score_thresh=0.3)).eval()
     tv = RegionProposalNetwork(None, None, 0.7, 0.3, 256, 0.5, dict(training=100, testing=100),
                                dict(training=post_nms, testing=post_nms), 0.6, score_thresh=0.3).eval()
     proposals = torch.stack([_crafted_boxes(sum(counts), seed, 128, 120) for seed in (0, 1)])
@@ -189,10 +190,17 @@ def test_detect_equals_torchvision_postprocess_detections():
     from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 
     from backbones.base import ShapeSpec
-    from detection.roi_heads import RoIHeads
+    from detection.box_coder import BoxCoder
+    from detection.matcher import Matcher
+    from detection.poolers import MultiScaleRoIAlign
+    from detection.roi_heads import BoxHead, BoxPredictor, RoIHeads
+    from detection.sampler import BalancedSampler
 
     num_classes, image_sizes = 6, [(90, 120), (128, 100)]
-    ours = RoIHeads({"0": ShapeSpec(8, 4), "1": ShapeSpec(8, 8)}, num_classes=num_classes, fc_dim=16,
+    ours = RoIHeads(pooler=MultiScaleRoIAlign({"0": ShapeSpec(8, 4), "1": ShapeSpec(8, 8)}, 7),
+                    box_head=BoxHead(8, 7, fc_dim=16), predictor=BoxPredictor(16, num_classes),
+                    matcher=Matcher((0.5, 0.5)), sampler=BalancedSampler(512, 0.25),
+                    box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)),
                     score_thresh=0.1, nms_thresh=0.4, detections_per_img=25).eval()
     tv = TVRoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), 0.1, 0.4, 25).eval()
     proposals = [_crafted_boxes(40, 3, *image_sizes[0]), _crafted_boxes(30, 4, *image_sizes[1])]
@@ -215,7 +223,7 @@ def test_training_losses_equal_torchvision_when_every_candidate_is_sampled(pair)
     targets = [{"boxes": torch.tensor([[20.0, 30.0, 120.0, 150.0], [150.0, 10.0, 260.0, 90.0]]),
                 "labels": torch.tensor([3, 17])},
                {"boxes": torch.tensor([[40.0, 50.0, 200.0, 230.0]]), "labels": torch.tensor([1])}]
-    samplers = [ours.rpn, ours.roi_heads, tv.rpn.fg_bg_sampler, tv.roi_heads.fg_bg_sampler]
+    samplers = [ours.rpn.sampler, ours.roi_heads.sampler, tv.rpn.fg_bg_sampler, tv.roi_heads.fg_bg_sampler]
     saved = [s.batch_size_per_image for s in samplers]
     try:
         for s in samplers:
@@ -422,3 +430,58 @@ def test_4conv1fc_detector_trains_and_detects():
     sum(losses.values()).backward()
     out = model.eval()(_batch(1))
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+# --- the builders: config keys -> parts -> heads ---------------------------------------------------------
+
+
+def test_config_keys_reach_the_parts_of_the_same_name():
+    from detection.rpn import ProposalSelection
+
+    model = small_model("model.rpn.iou_thresholds=[0.25,0.75]", "model.rpn.positive_fraction=0.4",
+                        "model.rpn.nms_on_logits=true", "model.rpn.strict_min_size=true", "model.rpn.score_thresh=0.1",
+                        "model.roi_heads.iou_threshold=0.6", "model.roi_heads.positive_fraction=0.3",
+                        "model.roi_heads.bbox_reg_weights=[5,5,2,2]", "model.roi_heads.canonical_level=3",
+                        "model.roi_heads.level_formula=detectron2", "test.nms_thresh=0.45",
+                        "test.detections_per_img=20")
+    rpn, heads = model.rpn, model.roi_heads
+    assert (rpn.matcher.low, rpn.matcher.high, rpn.matcher.allow_low_quality_matches) == (0.25, 0.75, True)
+    assert (rpn.sampler.batch_size_per_image, rpn.sampler.positive_fraction) == (64, 0.4)
+    assert rpn.selection == ProposalSelection(pre_nms_topk_train=300, pre_nms_topk_test=300, post_nms_topk_train=150,
+                                              post_nms_topk_test=150, nms_thresh=0.7, min_box_size=1e-3,
+                                              score_thresh=0.1, strict_min_size=True, nms_on_logits=True)
+    assert rpn.box_coder.weights == (1.0, 1.0, 1.0, 1.0) and rpn.in_features == ["0", "1", "2", "3", "pool"]
+    assert (heads.matcher.low, heads.matcher.high, heads.matcher.allow_low_quality_matches) == (0.6, 0.6, False)
+    assert (heads.sampler.batch_size_per_image, heads.sampler.positive_fraction) == (64, 0.3)
+    assert heads.box_coder.weights == (5.0, 5.0, 2.0, 2.0) and heads.num_classes == 3
+    assert (heads.pooler.canonical_level, heads.pooler.level_formula, heads.pooler.output_size) == (3, "detectron2",
+                                                                                                    (7, 7))
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.05, 0.45, 20)
+
+
+def test_box_heads_are_a_table_of_the_names_the_schema_accepts():
+    from detection.build import BOX_HEADS, build_box_head
+    from engine.errors import ConfigError
+    from engine.schema import SCHEMA
+
+    assert set(SCHEMA["model"]["roi_heads"]["box_head"].choices) == set(BOX_HEADS)
+    cfg = Config.from_dict(SMALL)
+    cfg.model.roi_heads.box_head = "5fc"  # past the schema, which refuses it when a config is read
+    with pytest.raises(ConfigError, match=r"unknown model.roi_heads.box_head '5fc'; valid: 2fc, 4conv1fc$"):
+        build_box_head(cfg, 64)
+
+
+def test_rpn_builder_refuses_levels_the_shared_head_cannot_serve():
+    from backbones.base import ShapeSpec
+    from detection.build import build_rpn
+    from engine.errors import ConfigError
+
+    cfg = Config.from_dict(SMALL, ["model.rpn.in_features=[a,b]"])
+    with pytest.raises(ConfigError, match=r"model.rpn.in_features \['a', 'b'\] have \[8, 16\] channels"):
+        build_rpn(cfg, {"a": ShapeSpec(8, 8), "b": ShapeSpec(16, 16)})
+    cfg = Config.from_dict(SMALL, ["model.rpn.in_features=[a,b]", "model.anchors.sizes=[[32],[64,96]]"])
+    with pytest.raises(ConfigError, match=r"model.anchors.sizes x aspect_ratios give \[3, 6\] anchors per level"):
+        build_rpn(cfg, {"a": ShapeSpec(8, 8), "b": ShapeSpec(8, 16)})
+    rpn = build_rpn(Config.from_dict(SMALL, ["model.rpn.in_features=[a,b]", "model.anchors.sizes=[[32]]"]),
+                    {"a": ShapeSpec(8, 8), "b": ShapeSpec(8, 16)})
+    assert rpn.anchor_generator.num_anchors == [3, 3] and rpn.head.objectness.out_channels == 3

@@ -275,9 +275,10 @@ def test_one_pixel_image_through_the_training_transforms_and_preprocessing(tmp_p
             assert target["boxes"].tolist() == [[0.0, 0.0, float(side), float(side)]]
             assert (image == 200).all()
         i = config.input
+        # As the trainer runs it: the mapper has resized already.
         pre = Preprocessor(i.pixel_mean, i.pixel_std, i.format, i.pixel_scale, i.min_size_train, i.max_size_train,
-                           i.min_size_test, i.max_size_test, i.size_divisibility).train(train)
-        pre.resize_in_training = False  # as the trainer runs it: the mapper has resized already
+                           i.min_size_test, i.max_size_test, i.size_divisibility,
+                           resize_in_training=False).train(train)
         batch, targets, sizes = pre([image], [target])
         assert batch.tensor.shape[-1] % i.size_divisibility == 0 and torch.isfinite(batch.tensor).all()
         assert sizes == [tuple(image.shape[1:])]

@@ -13,7 +13,7 @@ import detection.preprocess
 from detection import build_detector
 from detection.data.build import build_detection_train_loader
 from detection.data.synthetic import CATEGORIES
-from detection.inference import evaluate_detector
+from detection.evaluation import evaluate_detector
 from detection.roi_heads import RoIHeads
 from detection.rpn import RPN
 from detection.train import detection_step, train_detector
@@ -302,8 +302,7 @@ def test_image_without_annotations_trains_in_a_batch(shapes, tmp_path):
     empty = next(t for t in targets if len(t["boxes"]) == 0)
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape[0] == 0
     torch.manual_seed(0)
-    model = build_detector(cfg).train()
-    model.preprocessor.resize_in_training = False  # as train_detector: the loader has resized
+    model = build_detector(cfg).train()  # input.train_resize=loader, as train_detector: the loader has resized
     losses = detection_step(model, (images, targets))
     assert set(losses) == {*RPN_LOSSES, *ROI_LOSSES, "loss_mask"}
     assert all(torch.isfinite(v) for v in losses.values())

@@ -151,6 +151,18 @@ def test_faster_rcnn_pth_loads_strictly(tmp_path, capsys, d2_mask_rcnn):
     model.load_state_dict(read_weights(str(tmp_path / "ours.pth")), strict=True)
 
 
+def test_tensors_that_do_not_fit_the_named_config_are_refused_unwritten(tmp_path, capsys, d2_mask_rcnn):
+    """The converter names the config its tensors are for; the tool builds that model (shapes only) before it
+    writes anything, and names what does not fit."""
+    d2 = {k: v for k, v in d2_mask_rcnn.items() if k != "proposal_generator.rpn_head.conv.bias"}
+    src = write_pkl(tmp_path / "model_final.pkl", {"model": d2})
+    result = run_tool(capsys, "convert_weights.py", "--from", "detectron2", src, tmp_path / "out.pth")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (f"{src}: the state dict converted for configs/detectron2/mrcnn_r50_fpn.yaml model.backbone.depth=50 "
+            "does not fit the model it builds: 1 of the model's missing: rpn.head.conv.bias") in result.stderr
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_c4_model_is_refused(tmp_path, capsys):
     sd = {"backbone.res2.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32),
           "roi_heads.res5.0.conv1.weight": np.zeros((512, 1024, 1, 1), np.float32),

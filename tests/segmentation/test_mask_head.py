@@ -7,6 +7,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_
 
 from backbones.base import ShapeSpec
 from detection import build_detector
+from detection.build import build_roi_heads
 from detection.preprocess import Preprocessor
 from engine.config import Config
 from tests.detection import test_rpn_roi_heads as rpn_roi_heads
@@ -157,7 +158,9 @@ def test_the_model_resizes_target_masks_with_its_images():
     tv = torchvision.models.detection.transform.GeneralizedRCNNTransform(192, 400, [0.5] * 3, [0.25] * 3)
     _, theirs = tv([image], [dict(target)])
     torch.testing.assert_close(targets[0]["masks"], theirs[0]["masks"])  # uint8, nearest: exact
-    pre.resize_in_training = False  # the training loader's resizing: nothing to do
+    # The training loader's resizing: nothing to do.
+    pre = Preprocessor([0.5] * 3, [0.25] * 3, min_size_train=(192,), max_size_train=400,
+                       resize_in_training=False).train()
     assert pre([image], [target])[1][0]["masks"] is target["masks"]
 
 
@@ -169,8 +172,12 @@ def test_mask_branch_learns_masks_it_can_see(aligned):
     image, target = _sample(3)
     masks = target["masks"].float()
     features = {"p": torch.cat([masks, 1 - masks.amax(0, keepdim=True)])[None].repeat(1, 4, 1, 1)}
-    heads = MaskRoIHeads({"p": ShapeSpec(12, 1)}, mask_input_shape={"p": ShapeSpec(12, 1)}, num_classes=3,
-                         mask_num_conv=1, mask_conv_dim=16, aligned=aligned, fc_dim=16, batch_size_per_image=32)
+    cfg = Config.from_dict({"model": {"name": "mask_rcnn", "num_classes": 3,
+                                      "roi_heads": {"in_features": ["p"], "aligned": aligned, "fc_dim": 16,
+                                                    "batch_size_per_image": 32},
+                                      "mask_head": {"in_features": ["p"], "num_conv": 1, "conv_dim": 16}}})
+    heads = build_roi_heads(cfg, {"p": ShapeSpec(12, 1)})
+    assert isinstance(heads, MaskRoIHeads) and heads.aligned_mask_targets == aligned
     g = torch.Generator().manual_seed(0)
     proposals = [target["boxes"].repeat(8, 1) + torch.randn(16, 4, generator=g) * 3]
     optimizer = torch.optim.Adam(heads.mask_head.parameters(), lr=1e-2)
@@ -197,3 +204,28 @@ def test_inference_outputs_full_size_masks():
     with torch.no_grad():
         det = none([_sample(1)[0]])[0]
     assert det["masks"].shape == (0, 1, 96, 128)
+
+
+def test_missing_masks_are_a_dataset_error():
+    from engine.errors import DatasetError
+
+    model = small_model().train()
+    image, target = _sample()
+    del target["masks"]
+    with pytest.raises(DatasetError, match=r"Mask R-CNN training needs 'masks' \(N, H, W\) in every target"):
+        model([image], [target])
+
+
+def test_the_mask_pooler_is_built_from_the_config():
+    """The mask pooler's own keys (model.mask_head.*) and the level assignment and alignment of the box
+    pooler's (model.roi_heads.*), which the mask targets' alignment follows too."""
+    model = small_model("model.mask_head.pooler_resolution=10", "model.mask_head.sampling_ratio=0",
+                        "model.roi_heads.aligned=true", "model.roi_heads.canonical_level=3",
+                        "model.roi_heads.canonical_box_size=160", "model.roi_heads.level_formula=detectron2")
+    heads = model.roi_heads
+    mask, box = heads.mask_pooler, heads.pooler
+    assert (mask.output_size, mask.sampling_ratio, box.output_size, box.sampling_ratio) == ((10, 10), 0, (7, 7), 2)
+    for pooler in (mask, box):
+        assert (pooler.aligned, pooler.canonical_level, pooler.canonical_box_size, pooler.level_formula) == (
+            True, 3, 160, "detectron2")
+    assert heads.aligned_mask_targets is True

@@ -1,4 +1,4 @@
-"""tools/export.py and detection/export.py: one exported file (ONNX through torch.export, TorchScript through
+"""tools/export.py and detection/export: one exported file (ONNX through torch.export, TorchScript through
 tracing) per model serves images of every size and gives the eager model's detections on real images,
 images without detections included (empty outputs of the right shapes).
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from detection.build import build_detector
-from detection.export.exporter import compare, export, export_and_check, load, read_images
+from detection.export.exporter import (FORMATS, OUTPUTS, ExportableDetector, compare, export, export_and_check, load,
+                                       read_images)
 from engine.errors import ExportError
 from tests.conftest import REPO, SHARED_DATA, randomize_norms, run_tool
 
@@ -23,9 +24,9 @@ IMAGES = ["000000006818.jpg", "000000017627.jpg", "000000037777.jpg"]
 GREY = ("grey", torch.full((3, 200, 300), 128, dtype=torch.uint8))
 
 
-def small_detector(name):
+def small_detector(name, *overrides):
     torch.manual_seed(0)
-    model = randomize_norms(build_detector(REPO / "configs" / f"{name}.yaml", OVERRIDES)).eval()
+    model = randomize_norms(build_detector(REPO / "configs" / f"{name}.yaml", OVERRIDES + list(overrides))).eval()
     with torch.no_grad():
         model.roi_heads.predictor.cls_score.weight.mul_(8.0)
         if name.startswith("mrcnn"):
@@ -139,3 +140,48 @@ def test_missing_onnxruntime_says_what_to_install(tmp_path, capsys, monkeypatch)
 def test_image_size_outside_the_graph_range_is_refused(model, tmp_path):
     with pytest.raises(ExportError, match=r"32 <= H, W <= 4096, got shape \(3, 20, 300\)"):
         export(model, str(tmp_path / "m.pt"), "torchscript", torch.zeros(3, 20, 300, dtype=torch.uint8))
+
+
+def detector_with_empty_boxes(drop: bool):
+    """A Faster R-CNN whose class-57 detections lie outside the image: their box deltas moved 30 box widths
+    to the right (300 / the weight 10), so the RoI heads clip them to zero width at the border, and with
+    model.roi_heads.min_box_size=0 keep them. test.drop_empty_boxes (Detectron2's post-processing) then
+    drops them."""
+    model = small_detector("frcnn_r50", "model.roi_heads.min_box_size=0", f"test.drop_empty_boxes={drop}")
+    with torch.no_grad():
+        model.roi_heads.predictor.bbox_pred.bias[57 * 4] = 300.0
+    return model
+
+
+def _empty(boxes):
+    return (boxes[:, 2:] <= boxes[:, :2]).any(1)
+
+
+def test_export_wrapper_is_the_eager_models_own_forward_with_drop_empty_boxes(images):
+    image = images[1][1]  # portrait 640x427: detections inside the image and class 57's outside it
+    with torch.no_grad():
+        undropped = detector_with_empty_boxes(False)([image])[0]["boxes"]
+        model = detector_with_empty_boxes(True)
+        eager = model([image])[0]
+        wrapped = ExportableDetector(model)(image)
+    assert _empty(undropped).sum() >= 1 and (~_empty(undropped)).sum() >= 20, "the image needs both kinds"
+    assert len(eager["boxes"]) == int((~_empty(undropped)).sum()) and not _empty(eager["boxes"]).any()
+    assert [tuple(o.shape) for o in wrapped] == [tuple(eager[k].shape) for k in OUTPUTS[:3]]
+    assert all(torch.equal(o, eager[k]) for o, k in zip(wrapped, OUTPUTS)), "the same code: bitwise"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_file_drops_empty_boxes_as_the_eager_model_does(images, tmp_path, fmt):
+    """Recorded on an image with empty boxes to drop, checked on it and on the two others."""
+    model = detector_with_empty_boxes(True)
+    path = str(tmp_path / f"model.{fmt}")
+    checks = export_and_check(model, path, fmt, images[1:], optimize=False)
+    with torch.no_grad():
+        undropped = detector_with_empty_boxes(False)([images[1][1]])[0]["boxes"]
+    # compare() has found the eager model's detections in the file: those of the dropping model
+    assert checks[0].detections == int((~_empty(undropped)).sum()) < len(undropped)
+    for c in checks:
+        assert c.box_rel_diff <= 1e-3 and c.score_diff <= 1e-3, c.line()
+    boxes = load(path, fmt)(images[1][1])[0]
+    assert len(boxes) == checks[0].detections and not _empty(boxes).any()

@@ -15,7 +15,8 @@ from pycocotools.cocoeval import COCOeval
 import detection.build
 import detection.inference as inference
 from detection.data.synthetic import CATEGORIES, make_coco_split
-from detection.inference import binary_masks, evaluate_detector, infer_files, to_coco_results
+from detection.evaluation import evaluate_detector
+from detection.inference import binary_masks, infer_files, to_coco_results
 from engine.config import Config
 from tests.conftest import REPO, run_tool
 

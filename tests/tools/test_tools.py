@@ -1,10 +1,13 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import randomize_norms, run_tool
+from tests.conftest import REPO, randomize_norms, run_tool
+from tests.parity.test_detectron2_weights import detectron2_r50_fpn, write_pkl
 
 
 def test_model_stats_resnet50_matches_paper(capsys):
@@ -46,7 +49,7 @@ def test_convert_weights_cli(tmp_path, capsys):
     from backbones.norms import unfolded_norms
     # torchvision's arithmetic: BN after the convolution, the same kernels (measured: the same bits); 1e-5
     # leaves room for rounding through 34 layers, none for a wrong mapping
-    with torch.no_grad(), unfolded_norms():
+    with torch.no_grad(), unfolded_norms(ours):
         assert torch.allclose(ours(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
@@ -54,6 +57,34 @@ def test_convert_weights_cli_bad_file(tmp_path, capsys):
     (tmp_path / "bad.pth").write_text("not weights")
     result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "bad.pth", tmp_path / "o.pth")
     assert result.returncode == 2 and "bad.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+def convert_elsewhere(tmp_path, *args):
+    """`python tools/convert_weights.py ARGS` in a process of its own whose working directory is not the
+    repository (the files named by absolute paths), as a user runs it from their own folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_weights.py"), *map(str, args)],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
+
+
+def test_convert_weights_from_detectron2_in_another_directory(tmp_path):
+    """The conversion's fit check builds the model of configs/detectron2/*.yaml, found from the repository."""
+    write_pkl(tmp_path / "model_final.pkl", {"model": detectron2_r50_fpn(mask=False)})
+    result = convert_elsewhere(tmp_path, "--from", "detectron2", tmp_path / "model_final.pkl", tmp_path / "ours.pth")
+    assert result.returncode == 0, result.stderr
+    assert "Faster R-CNN R50-FPN (80 classes)" in result.stdout and (tmp_path / "ours.pth").is_file()
+
+
+def test_convert_weights_from_torchvision_detector_in_another_directory_with_check(tmp_path):
+    """--check builds our detector from configs/torchvision/*.yaml, found from the repository."""
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    result = convert_elsewhere(tmp_path, "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "ours.pth", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "--check against torchvision's fasterrcnn_resnet50_fpn:" in result.stdout
+    assert (tmp_path / "ours.pth").is_file()
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 A short detection run completes; its checkpoint loads in a single process, whose evaluation writes the
 same metrics.json and results as the distributed evaluation; 2-process classification with SyncBN takes
-the single-process steps; two torchrun "nodes" on this machine (the README's multi-node command, c10d
+the single-process steps; two torchrun "nodes" on this machine (the multi-node command of docs/training.md, c10d
 rendezvous on 127.0.0.1) train bit for bit as the 2-process job of one machine; SIGTERM stops both
 processes at the same iteration with one checkpoint; a process that dies ends the run with a message and
 leaves the checkpoints loadable."""
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 # torchrun: it sets 1 only when it starts several processes, so a node's single process would take every core.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# The README's multi-node command ("Distributed training"), apart from the address, the job id and the
+# The multi-node command of docs/training.md ("Distributed training"), apart from the address, the job id and the
 # number of processes per node.
 NODES = "--nnodes=2 --nproc_per_node={nproc} --rdzv_backend=c10d --rdzv_endpoint={host}:{port} --rdzv_id={job}"
 
@@ -58,7 +58,7 @@ def free_port() -> int:
 
 
 def two_nodes(tool, *args, logs: Path, timeout=300):
-    """The README's multi-node command started twice on this machine, one process per "node", as two
+    """The multi-node command of docs/training.md started twice on this machine, one process per "node", as two
     machines would start it; [(returncode, stdout, stderr)] of the two launchers. On a timeout or any
     error, both launchers and their workers are killed before the exception leaves."""
     flags = NODES.format(nproc=1, host="127.0.0.1", port=free_port(), job=f"test-{uuid.uuid4().hex[:8]}")
@@ -210,11 +210,11 @@ def test_classification_on_two_processes_trains_as_one(cls_job, tmp_path, capsys
 
 
 def test_two_nodes_train_as_the_two_processes_of_one_machine(cls_job, tmp_path):
-    """The README's multi-node command, on 127.0.0.1 with one process per "node": the c10d rendezvous joins
+    """The multi-node command of docs/training.md, on 127.0.0.1 with one process per "node": the c10d rendezvous joins
     the two launchers into one job of 2 processes, which are those of `--standalone --nproc_per_node=2`
     doing the same sums in the same order, so they end with the same weights bit for bit."""
-    readme = (REPO / "README.md").read_text()
-    assert NODES.format(nproc=8, host="HOST", port=29500, job="frcnn") in readme, "README's command changed"
+    readme = (REPO / "docs" / "training.md").read_text()
+    assert NODES.format(nproc=8, host="HOST", port=29500, job="frcnn") in readme, "docs/training.md's command changed"
     cfg, two = cls_job
     out = tmp_path / "nodes"
     nodes = two_nodes("train_cls.py", cfg, f"output_dir={out}", "solver.checkpoint_period=1", logs=tmp_path)

@@ -227,3 +227,21 @@ def test_mapper_with_no_objects_and_without_masks():
     assert len(t(image, np.zeros((0, 4)), [], seed=0)) == 3
     with pytest.raises(ValueError, match="one \\(H, W\\) mask per box"):
         t(image, [[1, 1, 5, 5]], [1], masks=np.zeros((0, 50, 100), np.uint8))
+
+
+def test_mask_mismatch_in_the_mapper_is_a_dataset_error_naming_the_image(tmp_path):
+    """A data problem found by the mapper is a DatasetError (the trainer names the iteration, the CLI prints
+    one line); through the dataset it also names the file and the image."""
+    t = build_det_transform(True, min_size_train=(32,), max_size_train=100)
+    with pytest.raises(DatasetError, match=r"masks of shape \(2, 50, 100\) for 1 boxes"):
+        t(np.zeros((50, 100, 3), np.uint8), [[1, 1, 5, 5]], [1], masks=np.zeros((2, 50, 100), np.uint8))
+
+    def drops_a_mask(image, boxes, labels, masks):
+        return t(image, boxes, labels, masks=masks[:-1])
+
+    ds = _dataset(tmp_path, [{"segmentation": [[5, 5, 25, 5, 25, 25]]}, {"segmentation": [[1, 1, 9, 1, 9, 9]]}],
+                  mapper=drops_a_mask)
+    with pytest.raises(DatasetError) as e:
+        ds[0]
+    assert str(e.value).startswith(f"{tmp_path / 'img' / 'a.png'} (image 1 of {tmp_path / 'ann.json'}): masks of "
+                                   "shape (1, 40, 60) for 2 boxes")
