@@ -162,7 +162,8 @@ def from_timm_resnet(state_dict) -> "Conversion":
     """A timm ResNet, ResNeXt or Wide ResNet state dict in our names, the 7x7 stem or ResNet-C/D (deep
     stem, average-pool shortcuts). What this ResNet cannot compute is refused and named: attention, other
     stems, depths it does not have. Anti-aliasing (timm's resnetaa*, resnetblur*) leaves no tensor in
-    the file, so it cannot be detected: such a file converts, and our network computes something else."""
+    the file, so it cannot be detected: such a file converts, and our network computes something else.
+    Builds nothing: `check_timm_resnet_fit` sees that the tensors fit the ResNet they describe."""
     deep_stem = "conv1.0.weight" in state_dict
     if "layer1.0.conv2.weight" not in state_dict or not (deep_stem or "conv1.weight" in state_dict):
         raise CheckpointError("not a timm ResNet state dict (that has 'layer1.0.conv2.weight', and "
@@ -187,11 +188,20 @@ def from_timm_resnet(state_dict) -> "Conversion":
             f"{', ...' if len(skipped) > 8 else ''}; refused, since the network without them computes "
             "something else")
     config = dict(resnet_config(converted), avg_down=avg_down)
+    return Conversion(converted, f"timm's ResNet, for {config_overrides(config)}", target=("timm_resnet", config))
+
+
+def check_timm_resnet_fit(conversion: "Conversion"):
+    """The tensors `from_timm_resnet` converted fit the ResNet of the arguments it read from them
+    (`Conversion.target`), and that ResNet lacks none: shapes only, the network is built on the meta device.
+    Problems are named as the timm file names them."""
+    config = conversion.target[1]
     settings = config_overrides(config)
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+    with torch.device("meta"):  # nothing is allocated or initialised
         target = ResNet(**config)
-    fit = check_fit(target.state_dict(), converted, f"timm ResNet ({settings})")
+    fit = check_fit(target.state_dict(), conversion.state_dict, f"timm ResNet ({settings})")
     if fit.missing or fit.unexpected:
+        table = timm_resnet_keys(config["stem_type"] == "deep", config["avg_down"])
         problems = []
         for keys, what in ((fit.missing, "missing"), (fit.unexpected, "with no place in it")):
             theirs = list(convert_keys(dict.fromkeys(keys), table, reverse=True)[0])  # named as in the file
@@ -199,7 +209,6 @@ def from_timm_resnet(state_dict) -> "Conversion":
                 problems.append(f"{len(theirs)} {what}: {', '.join(theirs[:8])}{', ...' * (len(theirs) > 8)}")
         raise CheckpointError(f"timm ResNet that does not fit the network its tensors describe ({settings}); "
                               + "; ".join(problems))
-    return Conversion(converted, f"timm's ResNet, for {settings}")
 
 
 def _read_pickle(path: str):
@@ -352,6 +361,9 @@ class Conversion:
     # The config file (relative to the repository) and overrides that build the model the tensors are for, where
     # the converter names one: detection.conversion.check.check_config_fit builds it to see that they fit.
     config: Tuple[str, ...] = ()
+    # The model the tensors are for, where the converter names one by other than a config: (kind, arguments), as
+    # ("timm_resnet", ResNet's arguments). detection.conversion.check.FIT_CHECKS[kind] builds it to see that they fit.
+    target: Tuple = ()
 
     def summary(self, source: str, target: str) -> str:
         """One line of counts, then one line per reason naming every skipped key (added ones are counted)."""

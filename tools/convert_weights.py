@@ -15,7 +15,7 @@ import sys
 
 from backbones.weights import convert_file, read_weights
 from detection.conversion import CONVERTERS_IN, CONVERTERS_OUT
-from detection.conversion.check import check_config_fit, check_conversion
+from detection.conversion.check import check_conversion, verify_conversion
 from engine.cli import parser_for, run
 from engine.errors import CheckpointError
 
@@ -34,8 +34,8 @@ def main(argv=None):
         converter, into_project_format = CONVERTERS_IN[args.from_format], True
     else:
         converter, into_project_format = CONVERTERS_OUT[args.to_format], False
-    # Where the converter names the config its tensors are for, they are checked to fit it before anything is written.
-    conversion = convert_file(args.input, args.output, converter, into_project_format, verify=check_config_fit)
+    # Where the converter names the model its tensors are for, they are checked to fit it before anything is written.
+    conversion = convert_file(args.input, args.output, converter, into_project_format, verify=verify_conversion)
     print(conversion.summary(args.input, args.output))
     if args.check:
         direction, framework = ("from", args.from_format) if args.from_format else ("to", args.to_format)

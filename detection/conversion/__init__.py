@@ -1,6 +1,6 @@
 """Weight conversion between our checkpoints and torchvision's, timm's and Detectron2's: key tables and
-the tensor edits they need, which build no model. `check` builds both sides' models to verify a
-conversion (tools/convert_weights.py --check)."""
+the tensor edits they need, which build no model. `check` builds the models that verify a conversion: the one
+its tensors are for (`verify_conversion`, before every write), and both sides' (tools/convert_weights.py --check)."""
 from backbones.weights import from_timm_resnet
 
 from .detectron2 import from_detectron2

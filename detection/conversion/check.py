@@ -1,6 +1,7 @@
 """What builds models to verify a conversion (the converters are key tables and build nothing).
 
-`check_config_fit`, on every conversion: the tensors fit the model of the config the converter names.
+`verify_conversion`, on every conversion: the tensors fit the model the converter names, by a config
+(`check_config_fit`) or otherwise (`Conversion.target`: `FIT_CHECKS`).
 `check_conversion`, `tools/convert_weights.py --check`: the source framework's model and ours, each given its
 own side of a conversion, run on the same random input, and the largest difference printed. Runs where the
 other framework is importable (torchvision always; timm when installed; Detectron2 is not installable here,
@@ -14,11 +15,11 @@ from typing import Dict, List
 import torch
 
 from backbones.resnet import DEPTHS, ResNet
-from backbones.weights import Conversion, check_fit, key_list, resnet_config
+from backbones.weights import Conversion, check_fit, check_timm_resnet_fit, convert_keys, key_list, resnet_config
 from engine.errors import CheckpointError
 
 from ..build import build_detector
-from .torchvision import TORCHVISION_BUILDERS
+from .torchvision import TORCHVISION_BUILDERS, TORCHVISION_DETECTION_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-4  # of the largest output value: float32 through ~50 layers of the same operations
@@ -39,6 +40,43 @@ def check_config_fit(conversion: Conversion):
                 [("with no place in it", fit.unexpected), ("of the model's missing", fit.missing)] if keys]
     if problems:
         raise CheckpointError(f"{source} does not fit the model it builds: " + "; ".join(problems))
+
+
+def check_torchvision_fit(conversion: Conversion):
+    """The tensors `to_torchvision_detector` converted load with strict=True into torchvision's detector it names
+    (`Conversion.target`): shapes only, the model is built on the meta device. Problems are named as our file
+    names them."""
+    from torchvision.models import detection  # 2 s to import; only this check needs it
+
+    builder, num_classes = conversion.target[1]["builder"], conversion.target[1]["num_classes"]
+    with torch.device("meta"):
+        model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
+    # Both sides in our names, so that every problem is named as the file names it.
+    expected, _ = convert_keys(model.state_dict(), TORCHVISION_DETECTION_KEYS)
+    ours, _ = convert_keys(conversion.state_dict, TORCHVISION_DETECTION_KEYS)
+    kind = "Mask R-CNN" if builder == TORCHVISION_BUILDERS[True] else "Faster R-CNN"
+    source = (f"our {kind}, converted for torchvision's {builder}(weights=None, weights_backbone=None, "
+              f"num_classes={num_classes}),")
+    fit = check_fit(expected, ours, source)  # a shape mismatch is an error naming every one
+    problems = [f"{len(keys)} {what}: {key_list(keys, 10)}" for what, keys in
+                [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
+                if keys]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model, the ResNet-50-FPN detector torchvision builds "
+                              "(3 anchors a location, 2-fc box head, 4-conv mask head without norm, a mask a "
+                              "class): " + "; ".join(problems))
+
+
+# Conversion.target's kind -> what builds that model to check the fit.
+FIT_CHECKS = {"timm_resnet": check_timm_resnet_fit, "torchvision": check_torchvision_fit}
+
+
+def verify_conversion(conversion: Conversion):
+    """The tensors of `conversion` fit the model its converter names (`convert_file`'s verify): by a config,
+    by `Conversion.target`, or both; a conversion that names none passes."""
+    check_config_fit(conversion)
+    if conversion.target:
+        FIT_CHECKS[conversion.target[0]](conversion)
 
 
 @dataclass

@@ -3,8 +3,8 @@ from typing import Dict
 
 import torch
 
-from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, check_fit, convert_keys, key_list,
-                               from_torchvision_resnet, to_torchvision_resnet)
+from backbones.weights import (TORCHVISION_RESNET_KEYS, Conversion, convert_keys, key_list, from_torchvision_resnet,
+                               to_torchvision_resnet)
 from engine.errors import CheckpointError
 
 # ResNet body under "backbone.body." (theirs) / "backbone.bottom_up." (ours), minus the classifier.
@@ -69,41 +69,33 @@ def from_torchvision(state_dict) -> Conversion:
 TORCHVISION_BUILDERS = {False: "fasterrcnn_resnet50_fpn", True: "maskrcnn_resnet50_fpn"}
 
 
-def _torchvision_detector_shapes(builder: str, num_classes: int) -> Dict[str, torch.Tensor]:
-    """The state dict of torchvision's `builder`(weights=None, ...) as shapes only (meta tensors)."""
-    from torchvision.models import detection  # 2 s to import; only this conversion needs it
-
-    with torch.device("meta"):
-        model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
-    return model.state_dict()
-
-
 def to_torchvision_detector(state_dict: Dict[str, torch.Tensor]) -> Conversion:
-    """Our R50-FPN Faster R-CNN or Mask R-CNN in torchvision's current names: loads with strict=True into
-    fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K)."""
+    """Our R50-FPN Faster R-CNN or Mask R-CNN in torchvision's current names, for fasterrcnn_resnet50_fpn /
+    maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K) with strict=True. Builds nothing:
+    `check.check_torchvision_fit` sees that the tensors fit that model (`Conversion.target`)."""
     kind = "Mask R-CNN" if any(k.startswith("roi_heads.mask_head.") for k in state_dict) else "Faster R-CNN"
     classifier = state_dict.get("roi_heads.predictor.cls_score.weight")
     if classifier is None:
         raise CheckpointError(f"our {kind} without 'roi_heads.predictor.cls_score.weight': torchvision's "
                               "detectors need a box classifier of that name")
     builder = TORCHVISION_BUILDERS[kind == "Mask R-CNN"]
+    # Each BatchNorm of torchvision's model built without weights has a step counter next to its running_var;
+    # our FrozenBN keeps running_var without one. Each goes right after its running_var, as torchvision orders them.
+    counters, with_counters = [], {}
+    for key, value in state_dict.items():
+        with_counters[key] = value
+        counter = key[:-len(".running_var")] + _COUNTER
+        if key.endswith(".running_var") and counter not in state_dict:
+            with_counters[counter] = torch.zeros((), dtype=torch.long)
+            counters.append(counter)
+    converted, skipped = convert_keys(with_counters, TORCHVISION_DETECTION_KEYS, reverse=True)
+    if skipped:
+        raise CheckpointError(f"our {kind} has {len(skipped)} tensors with no place in torchvision's {builder}: "
+                              f"{key_list(skipped, 10)}")
     target = f"torchvision's {builder}(weights=None, weights_backbone=None, num_classes={len(classifier)})"
-    # torchvision's model in our names, so that every problem is named as the file names it.
-    expected, _ = convert_keys(_torchvision_detector_shapes(builder, len(classifier)), TORCHVISION_DETECTION_KEYS)
-    source = f"our {kind}, converted for {target},"
-    fit = check_fit(expected, state_dict, source)  # a shape mismatch is an error naming every one
-    problems = [f"{len(keys)} {what}: {key_list(keys, 10)}" for what, keys in
-                [("of its tensors have no place there", fit.unexpected), ("of the model's are not in it", fit.missing)]
-                if keys]
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model, the ResNet-50-FPN detector torchvision builds "
-                              "(3 anchors a location, 2-fc box head, 4-conv mask head without norm, a mask a "
-                              "class): " + "; ".join(problems))
-    counters = [k for k in expected if k.endswith(_COUNTER) and k not in state_dict]
-    ordered = {k: state_dict[k] if k in state_dict else torch.zeros((), dtype=torch.long) for k in expected}
-    converted, _ = convert_keys(ordered, TORCHVISION_DETECTION_KEYS, reverse=True)
     return Conversion(converted, f"our {kind}, loadable with strict=True into {target}",
-                      added={_COUNTERS_OUT: counters} if counters else {})
+                      added={_COUNTERS_OUT: counters} if counters else {},
+                      target=("torchvision", {"builder": builder, "num_classes": len(classifier)}))
 
 
 def to_torchvision(state_dict) -> Conversion:

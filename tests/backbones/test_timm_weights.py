@@ -9,7 +9,7 @@ import torch
 
 import backbones
 from backbones.build import build_classifier
-from backbones.weights import from_timm_resnet, load_state_dict
+from backbones.weights import check_timm_resnet_fit, from_timm_resnet, load_state_dict
 from detection.conversion import CONVERTERS_IN
 from engine.config import Config
 from engine.errors import CheckpointError, ConfigError
@@ -127,7 +127,7 @@ def meta_state(name, **kwargs):
 ])
 def test_what_this_backbone_cannot_compute_is_refused_by_name(name, kwargs, match):
     with pytest.raises(CheckpointError, match=match):
-        from_timm_resnet(meta_state(name, **kwargs))
+        check_timm_resnet_fit(from_timm_resnet(meta_state(name, **kwargs)))  # the converter, then the fit check
 
 
 def test_missing_tensors_are_named_as_the_file_would_name_them():
@@ -135,7 +135,7 @@ def test_missing_tensors_are_named_as_the_file_would_name_them():
     del state["conv1.4.weight"], state["layer1.0.bn1.running_var"]
     with pytest.raises(CheckpointError, match=r"avg_down=true model.num_classes=1000\); "
                                               r"2 missing: conv1.4.weight, layer1.0.bn1.running_var$"):
-        from_timm_resnet(state)
+        check_timm_resnet_fit(from_timm_resnet(state))
 
 
 def test_refusal_through_the_cli(tmp_path, capsys):

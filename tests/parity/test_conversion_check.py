@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from detection import conversion as detection_weights
-from detection.conversion.check import check_conversion
+from detection.conversion.check import check_conversion, verify_conversion
 from tests.conftest import randomize_norms, run_tool
 
 
@@ -61,3 +61,36 @@ def test_check_without_the_framework_says_so(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
     result = check_conversion("from", "timm", {}, {})
     assert result.ok and "timm is not importable here" in str(result)
+
+
+def test_converters_build_no_model(monkeypatch):
+    """The converters are key tables and tensor edits: what builds a model to see that the tensors fit is the
+    verify step (verify_conversion, which tools/convert_weights.py runs before writing)."""
+    timm = pytest.importorskip("timm")
+    from backbones.weights import from_timm_resnet
+    from detection.conversion import from_detectron2, from_torchvision
+    from detection.conversion.torchvision import to_torchvision_detector
+    from tests.parity.test_detectron2_weights import detectron2_r50_fpn
+    from tests.parity.test_torchvision_export import our_detector_state
+
+    with torch.device("meta"):
+        timm_state = timm.create_model("resnet18d", pretrained=False).state_dict()
+        tv_state = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    inputs = [(from_timm_resnet, timm_state), (to_torchvision_detector, our_detector_state("mrcnn")),
+              (from_detectron2, {k: torch.from_numpy(v) for k, v in detectron2_r50_fpn(mask=True).items()}),
+              (from_torchvision, tv_state)]
+    built, init = [], torch.nn.Module.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
+    conversions = [converter(state) for converter, state in inputs]
+    monkeypatch.undo()
+    assert built == []
+    # What each names for the verify step to build: a Conversion.target or a config (from_torchvision: neither).
+    assert [(c.target[:1], c.config[:1]) for c in conversions] == [
+        (("timm_resnet",), ()), (("torchvision",), ()), ((), ("configs/detectron2/mrcnn_r50_fpn.yaml",)), ((), ())]
+    for conversion in conversions:
+        verify_conversion(conversion)  # each fits the model it names

@@ -12,6 +12,7 @@ import torchvision
 from backbones.weights import read_weights, save_weights
 from detection.build import build_detector
 from detection.conversion import to_torchvision
+from detection.conversion.check import check_torchvision_fit
 from engine.errors import CheckpointError
 from tests.conftest import REPO, randomize_norms, run_tool
 from tests.parity.test_torchvision_frcnn import both_on, mask_ious, match_fraction, matches
@@ -101,7 +102,7 @@ def test_detector_torchvision_cannot_hold_is_refused_by_name(override, message):
     with pytest.raises(CheckpointError, match=r"^our Mask R-CNN, converted for torchvision's maskrcnn_resnet50_fpn"
                                               r"\(weights=None, weights_backbone=None, num_classes=91\), does not "
                                               r"fit the model[,;] .*" + message):
-        to_torchvision(our_detector_state("mrcnn", [override]))
+        check_torchvision_fit(to_torchvision(our_detector_state("mrcnn", [override])))  # the converter, then the check
 
 
 def test_file_neither_detector_nor_classifier_is_refused(tmp_path, capsys):
