@@ -8,6 +8,10 @@ PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install -q -c $(CONSTRAINTS)
 # torch/torchvision as the CUDA builds served from local disk here; constraints.txt pins the same releases.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# MMDetection for the adapter tests, without dependencies: mmengine and mmcv-lite require opencv-python, a
+# second cv2 over opencv-python-headless. What they do need is in setup.py's test extra. mmcv-lite has no
+# compiled ops, so building a detector needs full mmcv (docs/weights.md, MMDetection).
+FRAMEWORK_PINS := mmengine==0.10.7 mmcv-lite==2.1.0 mmdet==3.3.0
 
 .PHONY: demo test test-fast install clean constraints
 
@@ -20,6 +24,7 @@ $(VENV)/.stamp-base: setup.py $(CONSTRAINTS)
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) --no-deps $(FRAMEWORK_PINS)
 	touch $@
 
 install: $(VENV)/.stamp-base
@@ -42,6 +47,7 @@ constraints:
 	.venv-resolve/bin/python -m pip install -q --upgrade pip
 	.venv-resolve/bin/python -m pip install -q $(TORCH_PINS)
 	.venv-resolve/bin/python -m pip install -q -e '.[test]'
+	.venv-resolve/bin/python -m pip install -q --no-deps $(FRAMEWORK_PINS)
 	{ sed -n '/^#/p' $(CONSTRAINTS); \
 	  .venv-resolve/bin/python -m pip freeze --all --exclude-editable | grep -v '^#' \
 	    | grep -v -E '^(setuptools|wheel)=='; } > $(CONSTRAINTS).new

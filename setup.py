@@ -24,7 +24,15 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7,<10", "pytest-timeout<3", "hypothesis<7", "timm>=0.9,<2",
-                 "onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.3,<1"],
+                 "onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.3,<1",
+                 # Detectron2's pure-Python dependencies (../shared/peers/README.md): the interop tests run
+                 # its models from the source snapshot beside the repository.
+                 "fvcore<0.2", "iopath<0.2", "yacs<0.2", "omegaconf>=2.1,<2.4", "hydra-core<2", "termcolor<4",
+                 "tabulate<1", "cloudpickle<4",
+                 # What mmengine 0.10, mmcv-lite 2.1 and mmdet 3.3 need, less opencv-python: the Makefile
+                 # installs those three with --no-deps (their opencv-python would be a second cv2 beside
+                 # opencv-python-headless).
+                 "addict<3", "yapf<1", "rich<16", "shapely<3", "terminaltables<4", "six<2"],
         # tools/export.py --format onnx (torch.onnx.export(dynamo=True) needs onnxscript)
         "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.3,<1"],
     },

@@ -84,7 +84,7 @@ def build_rpn(cfg, shapes: Dict[str, ShapeSpec]) -> RPN:
         sampler=BalancedSampler(batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction),
         # Unweighted deltas, as in the paper's RPN (Eq. 2); weighting is a setting of the RoI heads only.
         box_coder=BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)),
-        selection=selection, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta)
+        selection=selection, box_loss=r.box_loss, smooth_l1_beta=r.smooth_l1_beta, loss_normalizer=r.loss_normalizer)
 
 
 def build_pooler(cfg, input_shape: Dict[str, ShapeSpec], *, output_size: int,
@@ -151,7 +151,7 @@ def build_mask_branch(cfg, shapes: Dict[str, ShapeSpec]) -> dict:
                          num_conv=k.num_conv, conv_dim=k.conv_dim, norm=k.norm, class_agnostic=k.class_agnostic)
     return dict(mask_pooler=build_pooler(cfg, input_shape, output_size=k.pooler_resolution,
                                          sampling_ratio=k.sampling_ratio),
-                mask_head=mask_head, aligned_mask_targets=m.roi_heads.aligned)
+                mask_head=mask_head, aligned_mask_targets=m.roi_heads.aligned, binary_mask_targets=k.binary_targets)
 
 
 def build_detector(config, overrides=(), weights: Optional[str] = None, for_inference: bool = False) -> FasterRCNN:

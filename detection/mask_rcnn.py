@@ -24,15 +24,17 @@ from .roi_heads import RoIHeads
 class MaskRoIHeads(RoIHeads):
     """`RoIHeads` (whose keyword arguments it takes) plus the mask branch: `mask_head` on the
     `mask_pooler`'s features. `aligned_mask_targets` is RoIAlign's half-pixel setting for resampling the
-    ground-truth masks into the RoIs, which should be the poolers'. `detection.build.build_roi_heads`
-    makes the parts from a config."""
+    ground-truth masks into the RoIs, which should be the poolers'. `binary_mask_targets`: the resampled
+    masks are thresholded at 0.5 (Detectron2's BitMasks.crop_and_resize), not kept as the fractions in
+    [0, 1] (torchvision's targets). `detection.build.build_roi_heads` makes the parts from a config."""
 
     def __init__(self, *, mask_pooler: MultiScaleRoIAlign, mask_head: MaskHead, aligned_mask_targets: bool,
-                 **box_heads):
+                 binary_mask_targets: bool = False, **box_heads):
         super().__init__(**box_heads)
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
         self.aligned_mask_targets = aligned_mask_targets
+        self.binary_mask_targets = binary_mask_targets
 
     def branch_losses(self, features, proposals, labels, matched, targets):
         if any("masks" not in t for t in targets):
@@ -45,6 +47,8 @@ class MaskRoIHeads(RoIHeads):
         logits = self.mask_head(self.mask_pooler(features, rois), labels[positive])
         size = logits.shape[-1]
         targets = mask_targets([t["masks"] for t in targets], rois, matched, size, self.aligned_mask_targets)
+        if self.binary_mask_targets:
+            targets = (targets >= 0.5).to(targets.dtype)
         return {"loss_mask": mask_loss(logits, targets)}
 
     def branch_outputs(self, features, detections):

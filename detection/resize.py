@@ -48,7 +48,11 @@ def shortest_edge_size(height, width, min_size: float, max_size: float):
     """"interpolate"'s rule: sides scaled by min(min_size / shorter, max_size / longer), rounded down."""
     if isinstance(height, torch.Tensor):
         h, w = height.double(), width.double()
-        return scaled_size(h, w, torch.minimum(min_size / torch.minimum(h, w), max_size / torch.maximum(h, w)))
+        # Tensor by tensor: `number / tensor` is reciprocal(tensor) * number (Tensor.__rtruediv__), rounded
+        # twice: 800 / 428 gives 1.8691588785046727 where Python gives ...29, and 428 times it 799.99... ->
+        # 799 rows instead of 800 (a 640x428 image), which moves every detection.
+        lo, hi = torch.minimum(h, w), torch.maximum(h, w)
+        return scaled_size(h, w, torch.minimum(torch.full_like(lo, min_size) / lo, torch.full_like(hi, max_size) / hi))
     return scaled_size(height, width, min(min_size / min(height, width), max_size / max(height, width)))
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import ConfigError
+
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .losses import box_regression_loss
@@ -17,6 +19,11 @@ from .matcher import FOREGROUND, Matcher
 from .sampler import BalancedSampler
 from .structures import (ImageBatch, batched_box_iou, batched_nms, box_sizes_at_least, clip_boxes, pad_boxes,
                          size_min, top_k_per_image)
+
+
+# What the RPN's losses are divided by: the anchors sampled over the batch (torchvision), or the sample
+# size asked for, batch_size_per_image x images, however many were sampled (Detectron2, rpn.py `losses`).
+LOSS_NORMALIZERS = ("sampled", "batch_size_per_image")
 
 
 class RPNHead(nn.Module):
@@ -75,8 +82,10 @@ class RPN(nn.Module):
     def __init__(self, *, in_features: Sequence[str], head: RPNHead, anchor_generator: AnchorGenerator,
                  matcher: Matcher, sampler: BalancedSampler, box_coder: BoxCoder,
                  selection: ProposalSelection = ProposalSelection(), box_loss: str = "smooth_l1",
-                 smooth_l1_beta: float = 1 / 9):
+                 smooth_l1_beta: float = 1 / 9, loss_normalizer: str = "sampled"):
         super().__init__()
+        if loss_normalizer not in LOSS_NORMALIZERS:
+            raise ConfigError(f"unknown RPN loss_normalizer {loss_normalizer!r}; valid: {', '.join(LOSS_NORMALIZERS)}")
         self.in_features = list(in_features)
         self.head = head
         self.anchor_generator = anchor_generator
@@ -86,6 +95,7 @@ class RPN(nn.Module):
         self.selection = selection
         self.box_loss = box_loss
         self.smooth_l1_beta = smooth_l1_beta
+        self.loss_normalizer = loss_normalizer
 
     def forward(self, images: ImageBatch, features: Dict[str, torch.Tensor],
                 targets: Optional[List[Dict[str, torch.Tensor]]] = None):
@@ -138,11 +148,14 @@ class RPN(nn.Module):
         matched, labels = self.matcher(iou, valid)
         fg, bg = self.sampler(labels)
         sampled = fg | bg
-        num_sampled = sampled.sum().clamp(min=1)
+        if self.loss_normalizer == "batch_size_per_image":
+            normalizer = self.sampler.batch_size_per_image * len(targets)
+        else:
+            normalizer = sampled.sum().clamp(min=1)
         objectness_loss = F.binary_cross_entropy_with_logits(
-            logits[sampled], (labels[sampled] == FOREGROUND).to(logits.dtype), reduction="sum") / num_sampled
+            logits[sampled], (labels[sampled] == FOREGROUND).to(logits.dtype), reduction="sum") / normalizer
         matched_boxes = torch.gather(gt, 1, matched[..., None].expand(-1, -1, 4))
         target_deltas = self.box_coder.encode(matched_boxes[fg], anchors.expand(len(targets), -1, -1)[fg])
         box_loss = box_regression_loss(deltas[fg], target_deltas, self.box_loss,
-                                       self.smooth_l1_beta) / num_sampled
+                                       self.smooth_l1_beta) / normalizer
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}

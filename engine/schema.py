@@ -112,6 +112,9 @@ SCHEMA: dict = {
             "score_thresh": Opt(float, 0.0, help="proposals with a lower objectness probability are dropped"),
             "box_loss": Opt(str, "smooth_l1", choices=("smooth_l1", "l1"), help="box regression loss"),
             "smooth_l1_beta": Opt(float, 1 / 9, help="smooth-L1 transition point"),
+            "loss_normalizer": Opt(str, "sampled", choices=("sampled", "batch_size_per_image"),
+                                   help="divide the losses by the anchors sampled (torchvision) or by "
+                                        "batch_size_per_image x images, however many were sampled (Detectron2)"),
         },
         "roi_heads": {
             "in_features": Opt(list, ["0", "1", "2", "3"], elem=str, help="backbone outputs RoIs are pooled from"),
@@ -144,6 +147,8 @@ SCHEMA: dict = {
             "conv_dim": Opt(int, 256, min=1, help="width of the mask head's convolutions"),
             "norm": Opt(str, "", choices=("",) + _NORMS, help="norm in the mask head's convolutions"),
             "class_agnostic": Opt(bool, False, help="one mask per RoI instead of one per class"),
+            "binary_targets": Opt(bool, False, help="threshold the ground-truth masks resampled into each RoI at "
+                                                    "0.5 (Detectron2); false: their fractions in [0, 1] (torchvision)"),
             "paste_mode": Opt(str, "torchvision", choices=("torchvision", "detectron2"),
                               help="mask pasting: 'torchvision' pads the mask and grows its box to whole pixels; "
                                    "'detectron2' samples the mask bilinearly over the box as it is"),

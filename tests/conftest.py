@@ -1,7 +1,9 @@
+import importlib
 import logging
 import os
 import runpy
 import sys
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -9,9 +11,12 @@ import pytest
 import torch
 
 from backbones.norms import FrozenBatchNorm2d
+from detection.conversion.detectron2_model import zoo_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Detectron2 is not on the package index: a source snapshot of it sits beside the repository (its README).
+DETECTRON2_PEER = REPO.parent / "shared" / "peers" / "detectron2"
 
 # Two cores: keep intra-op threads at 2 so parallel tests do not oversubscribe. OMP_NUM_THREADS, where set,
 # wins: the suite is also run with 1 thread, since results must not depend on the thread count.
@@ -33,6 +38,48 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (real COCO subsets live in ../shared/data)")
     return SHARED_DATA
+
+
+def import_detectron2():
+    """The `detectron2` package: an importable one first, else the source snapshot at ../shared/peers/detectron2
+    (put first on sys.path for the rest of the session); skip, naming both places, when neither is there.
+    Detectron2's model zoo looks its configs up with pkg_resources inside the installed package
+    (detectron2/model_zoo/configs); a source snapshot keeps them at its root, so the lookup is pointed there
+    (detection.conversion.detectron2_model.zoo_config_file finds either). Our adapters are registered."""
+    try:
+        import detectron2
+    except ImportError:
+        if not (DETECTRON2_PEER / "detectron2" / "__init__.py").is_file():
+            pytest.skip(f"Detectron2 is neither importable nor at {DETECTRON2_PEER} (a source snapshot; "
+                        "../shared/peers/README.md)")
+        sys.path.insert(0, str(DETECTRON2_PEER))
+        import detectron2
+    _point_model_zoo_at(zoo_config_file)
+    import backbones.adapters
+
+    backbones.adapters.register_detectron2()
+    return detectron2
+
+
+def _point_model_zoo_at(find):
+    """detectron2.model_zoo imports pkg_resources (gone from setuptools 81) to look configs up inside the
+    installed package; give it a stand-in where there is none, and look configs up with `find`."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("pkg_resources")
+        stand_in.resource_filename = lambda package, resource: str(
+            Path(importlib.import_module(package).__file__).parent / resource)
+        sys.modules["pkg_resources"] = stand_in
+    from detectron2 import model_zoo
+    from detectron2.model_zoo import model_zoo as zoo
+
+    model_zoo.get_config_file = zoo.get_config_file = lambda name: str(find(name))
+
+
+@pytest.fixture(scope="session")
+def detectron2():
+    return import_detectron2()
 
 
 def randomize_norms(model, seed=0):

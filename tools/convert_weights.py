@@ -9,7 +9,13 @@
     python tools/convert_weights.py --to torchvision output/frcnn_r50/model_final.pth fasterrcnn-tv.pth
 
 --check runs the other framework's model on its side of the conversion and ours on the other, on the same
-random input, prints the largest difference and fails if it is larger than float32 rounding explains.
+input, prints the largest differences and fails if they are larger than float32 rounding explains, or if the
+other framework is not importable. torchvision's and timm's models run on random input. Detectron2's
+detectors (detectron2 importable: installed, or its source on PYTHONPATH) run as its DefaultPredictor runs
+them, from its model-zoo config, on --check-images (default: a synthetic image), and their detections (and
+masks) are compared with ours; Caffe2 ImageNet blobs run in Detectron2's ResNet.
+
+    python tools/convert_weights.py --from detectron2 model_final_f10217.pkl mrcnn.pth --check --check-images a.jpg
 """
 import sys
 
@@ -28,7 +34,9 @@ def main(argv=None):
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--check", action="store_true",
-                        help="compare the two models' outputs on a random input (needs the other framework)")
+                        help="compare the two models' outputs (needs the other framework)")
+    parser.add_argument("--check-images", nargs="+", default=(),
+                        help="images for --check to run Detectron2's detector and ours on")
     args = parser.parse_args(argv)
     if args.from_format:
         converter, into_project_format = CONVERTERS_IN[args.from_format], True
@@ -39,10 +47,12 @@ def main(argv=None):
     print(conversion.summary(args.input, args.output))
     if args.check:
         direction, framework = ("from", args.from_format) if args.from_format else ("to", args.to_format)
-        result = check_conversion(direction, framework, read_weights(args.input), conversion.state_dict)
+        result = check_conversion(direction, framework, read_weights(args.input), conversion.state_dict,
+                                  conversion.config, args.check_images)
         print(result)
         if not result.ok:
-            raise CheckpointError(f"--check: the converted model's outputs differ from {framework}'s (above)")
+            raise CheckpointError("--check: " + (result.reason or
+                                                 f"the converted model's outputs differ from {framework}'s (above)"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 - MMDetection 3.x: importing this package registers `ResNetDet` in `mmdet.registry.MODELS` (see
   `mmdet_resnet.py`); select it with `backbone=dict(type="ResNetDet", ...)`, or let the config import
   it with `custom_imports = dict(imports=["backbones.adapters"], allow_failed_imports=False)`.
+  Building through the registry needs full mmcv (its compiled ops); without them registration warns once
+  (`mmdet_resnet.build_problem`).
 
 Registration is a side effect of `import backbones.adapters`, which is how both frameworks expect
 third-party modules to register. Each framework is registered only when it is installed: neither is
@@ -51,13 +53,18 @@ def register_mmdet() -> List[str]:
         return []
     try:
         from mmdet.registry import MODELS
-    except ImportError as e:
+    except (ImportError, AssertionError) as e:  # mmdet asserts its mmcv and mmengine versions on import
         warnings.warn(f"mmdet is installed but mmdet.registry cannot be imported ({e}); ResNetDet is not "
                       "registered (backbones.adapters needs MMDetection 3.x)")
         return []
-    from .mmdet_resnet import register
+    from .mmdet_resnet import MMDET_NAME, build_problem, register
 
+    # Said once per process: when the name first enters the registry, not on a reload or register_all().
+    first = MMDET_NAME not in MODELS.module_dict
     REGISTERED["mmdet"] = register(MODELS)
+    problem = build_problem() if first else None
+    if problem:
+        warnings.warn(problem)
     return REGISTERED["mmdet"]
 
 

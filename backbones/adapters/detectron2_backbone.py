@@ -14,6 +14,21 @@ DEFORM_ON_PER_STAGE}, MODEL.BACKBONE.FREEZE_AT, MODEL.FPN.{IN_FEATURES, OUT_CHAN
 our optional MODEL.BACKBONE.WEIGHTS (ImageNet weights, ours or torchvision's; `add_resnet_det_config`
 declares it so YAML files can set it). A value that would build a network other than the one Detectron2
 would build is refused with the key's name.
+
+Weights. Detectron2's DetectionCheckpointer (MODEL.WEIGHTS) loads a whole detector with
+`model.load_state_dict(..., strict=False)`, and torch hands the backbone only the keys under "backbone.":
+an ImageNet file (keys "stem.conv1.weight" or torchvision's "conv1.weight") reaches the backbone as nothing,
+and Detectron2's name-matching heuristics for Caffe2 files (MSRA's R-50.pkl) find our convolutions but none
+of our norms. Either way Detectron2 only logs warnings. The backbones here therefore refuse, with one
+CheckpointError naming MODEL.BACKBONE.WEIGHTS, a state dict that gives them fewer than all of their tensors;
+a whole detector saved with this backbone (DetectionCheckpointer save -> load) loads as before. Loading
+ImageNet files through MODEL.WEIGHTS instead would need a change to Detectron2's checkpointer for every
+model, so ImageNet weights go through MODEL.BACKBONE.WEIGHTS, read when the backbone is built.
+
+Norm folding is off in these backbones: Detectron2's own backbones run each norm after its convolution, and
+`torch.jit.script`, which runs norms unfolded (TorchScript passes no modules to functions), must give the
+eager module's result (Detectron2's scriptability tests compare the two with `torch.allclose`). Turn it on
+for speed in eager training and inference with `backbones.norms.set_norm_folding(model.backbone, True)`.
 """
 from typing import Dict, List
 
@@ -21,15 +36,45 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from engine.errors import ConfigError, ToolkitError
+from engine.errors import CheckpointError, ConfigError, ToolkitError
 
 from ..build import load_backbone_weights
 from ..fpn import FPN
-from ..norms import NORMS
+from ..norms import NORMS, set_norm_folding
 from ..resnet import DEPTHS, STAGE_NAMES, BasicBlock, ResNet
 
 
-class Detectron2ResNet(Backbone):
+def partial_weights_error(prefix: str, expected: List[str], given: List[str]) -> CheckpointError:
+    """The one error for a state dict that fills only some (or none) of a backbone's tensors."""
+    present = set(given)
+    missing = [k for k in expected if k not in present]
+    where = f"the backbone at {prefix[:-1]!r}" if prefix else "the backbone"
+    return CheckpointError(
+        f"the state dict being loaded gives {where} {len(given)} of its {len(expected)} tensors (missing "
+        f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); nothing would load them, and the "
+        "backbone would stay at its initialisation. Detectron2's MODEL.WEIGHTS must be a whole detector saved "
+        "with this backbone. ImageNet weights (ours, or torchvision's names) go in MODEL.BACKBONE.WEIGHTS, read "
+        "when the backbone is built, with MODEL.WEIGHTS=''. A Caffe2 file such as MSRA's R-50.pkl (Detectron2's "
+        "default MODEL.WEIGHTS) is converted first: `python tools/convert_weights.py --from detectron2 R-50.pkl "
+        "r50.pth`, then MODEL.BACKBONE.WEIGHTS=r50.pth")
+
+
+class RefusesPartialWeights:
+    """Loading a state dict that lacks any of the module's tensors is an error, never a partial load: torch
+    passes each module only the keys under its prefix, so this sees exactly what the backbone would get.
+    BatchNorm's step counters are not required (they change no output)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = [k for k in self.state_dict() if not k.endswith("num_batches_tracked")]
+        given = [k for k in expected if prefix + k in state_dict]
+        if len(given) < len(expected):
+            raise partial_weights_error(prefix, expected, given)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class Detectron2ResNet(RefusesPartialWeights, Backbone):
     """A ResNet's stages under Detectron2's names ("stem", "res2".."res5"). size_divisibility is
     Detectron2's default, 0, as for its own ResNet."""
 
@@ -37,7 +82,7 @@ class Detectron2ResNet(Backbone):
         super().__init__()
         if resnet.num_classes is not None:
             raise ConfigError("Detectron2ResNet wraps a ResNet built as a backbone (num_classes=None)")
-        self.body = resnet
+        self.body = set_norm_folding(resnet, False)
 
     def forward(self, x) -> Dict[str, torch.Tensor]:
         return dict(self.body(x))
@@ -47,19 +92,26 @@ class Detectron2ResNet(Backbone):
                 for name, s in self.body.output_shape().items()}
 
 
-class Detectron2FPN(Backbone):
+class Detectron2FPN(RefusesPartialWeights, Backbone):
     """Our FPN with its levels named as Detectron2 names them: "p<k>" for stride 2^k (FPN paper's P_k)."""
 
     def __init__(self, fpn: FPN):
         super().__init__()
-        self.fpn = fpn
+        self.fpn = set_norm_folding(fpn, False)
         self._names = {ours: f"p{level}" for ours, level in fpn.levels.items()}
+        # Detectron2's FPN pads to the stride of its coarsest input (32 for res5): the extra levels above
+        # it are subsampled from it and need no padding of their own. An int attribute, so that TorchScript
+        # compiles the property (as Detectron2's FPN keeps it).
+        self._size_divisibility = fpn.bottom_up.output_shape()[fpn.in_features[-1]].stride
 
     @property
     def size_divisibility(self) -> int:
-        # Detectron2's FPN pads to the stride of its coarsest input (32 for res5): the extra levels above
-        # it are subsampled from it and need no padding of their own.
-        return self.fpn.bottom_up.output_shape()[self.fpn.in_features[-1]].stride
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        # Detectron2's FPN's: no square padding (its square_pad, set only by LazyConfig ViTDet recipes).
+        return {"square_size": 0}
 
     def forward(self, x) -> Dict[str, torch.Tensor]:
         return {self._names[name]: value for name, value in self.fpn(x).items()}

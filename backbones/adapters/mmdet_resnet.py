@@ -16,8 +16,14 @@ honour to our `ResNet`, and refuses the others by name rather than build a diffe
         init_weights(), which MMEngine calls on every child of the detector
 
 This module does not import mmdet: the class works on its own, and `register` puts it in a registry.
+
+Building through the registry (`MODELS.build`) needs full mmcv, with its compiled ops: mmengine's
+`Registry.get` first imports the registry's location, `mmdet.models`, which imports `mmcv.ops`, whose
+extension `mmcv._ext` mmcv-lite does not ship. `build_problem` says so before the build fails.
 """
-from typing import List, Sequence
+import importlib.util
+import sys
+from typing import List, Optional, Sequence
 
 from torch import nn
 
@@ -170,6 +176,27 @@ class ResNetDet(ResNet):
 
     def forward(self, x):
         return tuple(self.forward_features(x).values())
+
+
+def build_problem() -> Optional[str]:
+    """Why `mmdet.registry.MODELS.build` cannot build models in this environment, or None when it can (as
+    far as mmcv goes). Imports nothing but mmcv's package, which mmdet imports anyway."""
+    if "mmdet.models" in sys.modules:  # imported already: the registry lookups will not import it again
+        return None
+    try:
+        if importlib.util.find_spec("mmcv._ext") is not None:
+            return None
+        missing = "mmcv is installed without its compiled ops (mmcv._ext; mmcv-lite ships none)"
+    except ImportError:  # find_spec imports the parent package, mmcv
+        missing = "mmcv is not installed"
+    mmdet = sys.modules.get("mmdet")
+    versions = (f"mmcv>={mmdet.mmcv_minimum_version},<{mmdet.mmcv_maximum_version}"
+                if hasattr(mmdet, "mmcv_minimum_version") and hasattr(mmdet, "mmcv_maximum_version")
+                else "mmcv 2.x")
+    return (f"{missing}: {MMDET_NAME} is registered in mmdet.registry.MODELS, but MODELS.build() of it or any "
+            "model fails, since mmengine imports mmdet.models before the lookup and mmdet.models imports "
+            f"mmcv.ops. Install full mmcv built with its ops ({versions}, e.g. with `mim install`) to build "
+            f"detectors; {MMDET_NAME}(...) itself works without it")
 
 
 def register(registry, name: str = MMDET_NAME) -> List[str]:

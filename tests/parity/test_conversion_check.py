@@ -1,10 +1,12 @@
 """tools/convert_weights.py --check: the other framework's model against ours on a random input."""
+import functools
+
 import pytest
 import torch
 import torchvision
 
 from detection import conversion as detection_weights
-from detection.conversion.check import check_conversion, verify_conversion
+from detection.conversion.check import RTOL, check_conversion, compare_detections, verify_conversion
 from tests.conftest import randomize_norms, run_tool
 
 
@@ -55,12 +57,66 @@ def test_check_timm_resnet_d():
     assert "res5 features" in str(result)  # no classifier: the last stage is compared
 
 
-def test_check_without_the_framework_says_so(monkeypatch):
+def test_check_without_the_framework_fails_and_says_why(tmp_path, capsys, monkeypatch):
+    """A check that cannot run is not a check that passed: the tool exits non-zero, naming the framework."""
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
-    result = check_conversion("from", "timm", {}, {})
-    assert result.ok and "timm is not importable here" in str(result)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    result = check_conversion("from", "torchvision", {}, {})
+    assert not result.ok and "torchvision is not importable here" in result.reason
+    torch.save(torchvision_resnet18().state_dict(), tmp_path / "tv.pth")
+    result = run_tool(capsys, "convert_weights.py", "--from", "torchvision", tmp_path / "tv.pth",
+                      tmp_path / "ours.pth", "--check")
+    assert result.returncode == 2
+    assert "error: --check: torchvision is not importable here, so the conversion cannot be run against " \
+           "torchvision's own model" in result.stderr
+
+
+def _detections(n=6, seed=0, size=200):
+    """`n` detections with boxes, descending scores from 0.9 to 0.06, labels 1..n and box-filling masks."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(n, 2, generator=g) * size / 2
+    boxes = torch.cat([corner, corner + torch.rand(n, 2, generator=g) * size / 2 + 10], 1)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+        mask[y1:y2, x1:x2] = True
+    return {"boxes": boxes, "scores": torch.linspace(0.9, 0.06, n), "labels": torch.arange(1, n + 1), "masks": masks}
+
+
+def _pick(det, rows):
+    return {k: v[rows] for k, v in det.items()}
+
+
+def test_compare_detections_boundaries_on_principle():
+    """Same detections in another order and off by rounding match; a detection on one side only is excused only
+    within the score tolerance of the threshold or of the lowest score kept at the cap."""
+    ours, compare = _detections(), functools.partial(compare_detections, image_size=(200, 200), score_thresh=0.05)
+    theirs = _pick(ours, torch.arange(5, -1, -1))  # reversed
+    theirs = dict(theirs, boxes=theirs["boxes"] + 1e-3, scores=theirs["scores"] - 1e-6)
+    lines, ok = compare(ours, theirs, max_detections=100)
+    assert ok and "6 detections of ours, 6 of theirs: 6 the same" in lines[0]
+
+    extra = {k: torch.cat([v, _detections(1, seed=1)[k]]) for k, v in theirs.items()}
+    for score, excused in ((0.05 + 0.5 * RTOL, True), (0.05 + 2 * RTOL, False)):
+        extra["scores"][-1] = score
+        lines, ok = compare(ours, extra, max_detections=100)
+        assert ok is excused and ("1 on one side only" in lines[0]) is excused, lines
+    # At the cap (6): theirs kept another detection in place of our lowest, with a score within rounding of it.
+    capped = _pick(extra, torch.arange(1, 7))
+    capped["scores"][-1] = ours["scores"].min() + 0.5 * RTOL
+    assert compare(ours, capped, max_detections=6)[1]
+    assert not compare(ours, capped, max_detections=100)[1]
+
+
+def test_compare_detections_catches_labels_boxes_and_masks():
+    ours = _detections()
+    for field, wrong in (("labels", lambda v: v.roll(1)), ("boxes", lambda v: v + 200 * 2 * RTOL),
+                         ("masks", lambda v: v.roll(3, dims=2))):
+        theirs = dict(ours, **{field: wrong(ours[field])})
+        lines, ok = compare_detections(ours, theirs, image_size=(200, 200), score_thresh=0.05, max_detections=100)
+        assert not ok, field
+        assert field != "masks" or "masks:" in lines[-1]
+        assert field == "masks" or ("only ours: label" in lines[1] and any("only theirs" in l for l in lines))
 
 
 def test_converters_build_no_model(monkeypatch):
