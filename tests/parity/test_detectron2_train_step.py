@@ -13,7 +13,7 @@ from backbones.norms import set_norm_folding
 from backbones.weights import convert_keys
 from detection.build import build_detector
 from detection.conversion.detectron2 import DETECTRON2_KEYS, from_detectron2_detector
-from detection.conversion.detectron2_model import zoo_config_file
+from detection.conversion import detectron2_model
 
 # Detectron2's model-zoo config -> the config of ours the converter names for its weights.
 ZOO_CONFIGS = {
@@ -34,13 +34,12 @@ LOSSES = {"loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg",
 
 
 def _detectron2_model(zoo_config):
-    from detectron2.config import get_cfg
     from detectron2.layers import FrozenBatchNorm2d
     from detectron2.modeling import build_model
 
-    cfg = get_cfg()
-    cfg.merge_from_file(str(zoo_config_file(zoo_config)))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + [x for d2, _, v in SETTINGS for x in (d2, v)])
+    mask = zoo_config == detectron2_model.ZOO_CONFIGS[True]
+    assert zoo_config == detectron2_model.ZOO_CONFIGS[mask]
+    cfg = detectron2_model.detectron2_config(mask, opts=[x for d2, _, v in SETTINGS for x in (d2, v)])
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RPN.POSITIVE_FRACTION == 0.5
     torch.manual_seed(0)
     model = build_model(cfg)  # Detectron2's own initialisation of every layer
