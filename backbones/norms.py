@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_reduce_sum_differentiable as all_reduce, world_size
 from engine.errors import ConfigError
+from engine.sync_batchnorm import SyncBatchNorm2d  # noqa: F401 (the SyncBN layer, by name)
 
 NORMS = ("BN", "FrozenBN", "SyncBN", "GN")
 
@@ -150,43 +150,6 @@ class FoldedSequential(FoldsNorms, nn.Sequential):
                 x = modules[i](x)
                 i += 1
         return x
-
-
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are those of the whole batch, over every process of a
-    distributed run (SyncBN). On GPUs it runs torch's fused SyncBatchNorm kernels. Between CPU processes
-    (gloo), for which torch has none, the per-channel sums are added up with a differentiable all-reduce,
-    so gradients flow through the shared statistics as through one process's BN over the whole batch.
-    Alone (one process, or evaluation) it is plain BatchNorm; the state dict is BatchNorm2d's.
-
-    It is not an nn.SyncBatchNorm, which DistributedDataParallel refuses on the CPU."""
-
-    process_group = None  # what nn.SyncBatchNorm.forward reads: the default group, all processes
-    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
-
-    def forward(self, x):
-        if not self.training or world_size() == 1:
-            return super().forward(x)
-        if x.device.type != "cpu":
-            return nn.SyncBatchNorm.forward(self, x)
-
-        self._check_input_dim(x)
-        channels = x.shape[1]
-        dims = [0, 2, 3]
-        shape = (1, -1, 1, 1)
-        sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() / channels])]))
-        count = sums[channels]
-        mean = sums[:channels] / count
-        centred = x - mean.view(shape)
-        var = all_reduce(centred.square().sum(dims)) / count  # two passes: no E[x^2] - E[x]^2 cancellation
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 def get_norm(norm: str, channels: int, num_groups: int = 32) -> nn.Module:

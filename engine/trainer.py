@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from engine import distributed as dist
+from engine import distributed as dist, sync_batchnorm
 from engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from engine.errors import ConfigError, DatasetError, TrainingError, TrainingInterrupted
 from engine.device import setup_device
@@ -70,7 +70,8 @@ class Trainer:
                  max_iter: int, steps=None, evaluate: Optional[Callable] = None, eval_period: Optional[int] = None,
                  ema=None):
         self.cfg, self.model, self.optimizer, self.data = cfg, model, optimizer, data
-        self.train_model = dist.wrap_model(model, device)
+        # On GPUs, torch's SyncBatchNorm kernels for SyncBN (in place: `model` is saved with them, same keys).
+        self.train_model = dist.wrap_model(sync_batchnorm.for_device(model, device), device)
         self.step_fn, self.checkpointer, self.writer, self.device = step_fn, checkpointer, writer, device
         self.max_iter, self.steps, self.evaluate, self.ema = max_iter, steps, evaluate, ema
         self.eval_period = eval_period

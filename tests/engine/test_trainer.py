@@ -150,7 +150,12 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
     assert 0 < step.norm() <= 0.1 * 1e-3 * 1.0001
 
 
-def test_bfloat16_autocast_on_cpu(tmp_path):
+@pytest.mark.parametrize("amp, amp_dtype, dtype, scaled", [(True, "bfloat16", torch.bfloat16, False),
+                                                             (True, "float16", torch.float16, True),
+                                                             (False, "float16", torch.float32, False)])
+def test_autocast_dtype_and_gradient_scaling(tmp_path, amp, amp_dtype, dtype, scaled):
+    """solver.amp_dtype is the dtype the step computes in; float16 (the CUDA default) gets a gradient scaler,
+    bfloat16 (float32's range) none. On the CPU both autocast; on CUDA the same code (tests/cuda trains with both)."""
     seen = []
 
     def step(model, batch):
@@ -158,9 +163,12 @@ def test_bfloat16_autocast_on_cpu(tmp_path):
         seen.append(out.dtype)
         return {"loss": (out.float() - batch[1]).pow(2).mean()}
 
-    trainer = make_trainer(tmp_path, toy_cfg(max_iter=2, amp=True, amp_dtype="bfloat16"), step=step)
+    trainer = make_trainer(tmp_path, toy_cfg(max_iter=2, amp=amp, amp_dtype=amp_dtype), step=step)
     trainer.train()
-    assert seen == [torch.bfloat16, torch.bfloat16] and not trainer.scaler.is_enabled()
+    assert seen == [dtype, dtype] and trainer.scaler.is_enabled() == scaled
+    if scaled:  # the scale survives in the checkpoint, for a bitwise resume
+        saved = torch.load(trainer.save("model_0000002.pth", 2), weights_only=True)
+        assert saved["scaler"]["scale"] == trainer.scaler.get_scale() > 0
 
 
 def test_periodic_evaluation_is_logged(tmp_path):
