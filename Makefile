@@ -13,7 +13,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # compiled ops, so building a detector needs full mmcv (docs/weights.md, MMDetection).
 FRAMEWORK_PINS := mmengine==0.10.7 mmcv-lite==2.1.0 mmdet==3.3.0
 
-.PHONY: demo test test-fast install clean constraints
+.PHONY: demo test test-fast test-gpu install clean constraints
 
 $(VENV)/.stamp-base: setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: $(VENV)/.stamp-test
 # The fast subset while iterating: everything but the end-to-end runs (docs/getting_started.md, Quickstart).
 test-fast: $(VENV)/.stamp-test
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The CUDA tests (tests/cuda) on a machine with a GPU: detections, AMP, DDP over NCCL, bitwise resume, mask
+# pasting and the benchmark on the device. Without CUDA each is skipped with one line saying so.
+test-gpu: $(VENV)/.stamp-test
+	$(PY) -m pytest -q -m cuda tests
 
 # Re-resolve every dependency within setup.py's ranges in a scratch venv and write the versions it got to
 # constraints.txt; then run `make clean test` and commit the file if the suite passes.

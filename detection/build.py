@@ -14,6 +14,7 @@ from typing import Dict, Optional
 from backbones.base import ShapeSpec
 from backbones.build import MODELS as BACKBONE_MODELS
 from backbones.build import build_backbone
+from engine.compile import compile_model
 from engine.config import as_config
 from engine.device import memory_format
 from engine.errors import ConfigError
@@ -180,6 +181,22 @@ def build_detector(config, overrides=(), weights: Optional[str] = None, for_infe
     if path:
         load_detector_weights(model, path, for_inference, setting="--weights" if weights else "model.weights")
     return model.to(memory_format=memory_format(cfg))
+
+
+def compile_detector(model: FasterRCNN, cfg) -> FasterRCNN:
+    """`model.compile` for a detector that trains or infers (export records the eager model and never
+    calls this): the backbone and FPN, in place, so the state dict keeps its keys.
+
+    They hold nearly all of the computation, and their graph depends on the input only through the
+    batch's padded size; the RPN and RoI heads are all data-dependent shapes (top-k, NMS, sampling), which
+    would split the graph in many places and gain little. Detection batches change size with nearly every
+    image, so every size is symbolic from the first call (`dynamic=True`): in inference one compilation
+    serves them all, where torch's default (None) would compile for the first size and again for the
+    second. Training graphs (torch 2.14) still compile once per padded batch size, because Inductor's
+    lowering of the convolutions' backward fixes their strides to numbers; past
+    torch._dynamo.config.recompile_limit (8) such compilations, new sizes run eagerly, with a warning
+    from torch. Training at one size (input.lsj_size) compiles once."""
+    return compile_model(model, cfg, part="backbone", dynamic=True, what="the detector's backbone and FPN")
 
 
 def category_ids(cfg) -> Dict[int, int]:

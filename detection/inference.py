@@ -18,7 +18,7 @@ from engine.data.paths import IMAGE_EXTENSIONS
 from engine.device import resolve_device
 from engine.errors import DatasetError
 
-from .build import build_detector, category_ids, category_names
+from .build import build_detector, category_ids, category_names, compile_detector
 from .visualize import draw_detections
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def to_coco_results(det: Dict[str, torch.Tensor], label_to_id: Dict[int, int], m
 def load_model(cfg, weights):
     device = resolve_device(cfg.device)
     model = build_detector(cfg, weights=weights, for_inference=True)
-    return model.eval().to(device), device
+    return compile_detector(model.eval().to(device), cfg), device
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:

@@ -106,9 +106,11 @@ class _ThreadedRoIAlign(torch.autograd.Function):
 def roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
               sampling_ratio: int, aligned: bool, threads: Optional[RoIAlignThreads] = None) -> torch.Tensor:
     """torchvision.ops.roi_align with (K, 5) rois; on `threads` where that pays (2 or more of them, a CPU
-    tensor, eager mode, enough RoIs), otherwise the single call. The results are the same to the bit."""
+    tensor, eager mode, enough RoIs), otherwise the single call. The results are the same to the bit.
+    Under autocast, the single call: autocast is per thread, and torchvision's roi_align relies on it to
+    bring bfloat16 features and float32 RoIs to one dtype."""
     if (threads is None or feature.device.type != "cpu" or recording() or rois.shape[0] < THREADED_MIN_ROIS
-            or threads.count() < 2):
+            or threads.count() < 2 or torch.is_autocast_enabled("cpu")):
         return torchvision_roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return _ThreadedRoIAlign.apply(feature, rois, spatial_scale, tuple(output_size), sampling_ratio, aligned,
                                    threads)

@@ -6,7 +6,7 @@ from engine.device import resolve_device
 from engine.config import as_config
 from engine.errors import DatasetError
 
-from .build import build_detector
+from .build import build_detector, compile_detector
 
 
 class Predictor:
@@ -20,6 +20,7 @@ class Predictor:
         # `weights`, else model.weights, is the whole detector, used as it is: it must cover the model.
         self.model = build_detector(self.cfg, weights=weights, for_inference=True)
         self.model.eval().to(self.device)
+        compile_detector(self.model, self.cfg)
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray):

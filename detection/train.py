@@ -20,7 +20,7 @@ from engine.events import MetricsWriter, plot_losses, setup_logging
 from engine.solver import build_optimizer, check_steps, solver_summary
 from engine.trainer import FINAL, Trainer, close_run, start_run, flat_metrics, weights_to_evaluate
 
-from .build import build_detector
+from .build import build_detector, compile_detector
 from .data.build import build_detection_train_loader
 from .evaluation import evaluate_detector
 
@@ -62,7 +62,7 @@ def train_detector(cfg, resume: bool = False):
     check_steps(s, s.max_iter)
     # Resuming loads every tensor from the checkpoint, so neither initialisation file is opened then.
     # Whether the loader or the model resizes training images, both take from input.train_resize.
-    model = build_detector(cfg, RESUMED if resume else ()).to(device)
+    model = compile_detector(build_detector(cfg, RESUMED if resume else ()).to(device), cfg)
     optimizer = build_optimizer(cfg, model)
     checkpointer = Checkpointer(out)
     start_iter, state = 0, {}
@@ -103,5 +103,6 @@ def evaluate_only(cfg, weights=None):
     save_config(cfg, cfg.output_dir)
     path = weights_to_evaluate(cfg, weights)
     model = build_detector(cfg, weights=None if path == cfg.model.weights else path, for_inference=True).to(device)
+    compile_detector(model.eval(), cfg)
     logger.info("evaluating %s", path)
     return evaluate_detector(cfg, model, device)

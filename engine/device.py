@@ -1,4 +1,6 @@
 """The `device` setting: "auto" picks CUDA when it is there, so one config runs on a laptop and a cluster."""
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -23,10 +25,23 @@ def setup_device(cfg) -> torch.device:
     is tuned again."""
     from .distributed import init_distributed
 
+    if cfg.deterministic:
+        deterministic()
     device = init_distributed(resolve_device(cfg.device))
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
+        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark) and not cfg.deterministic
     return device
+
+
+def deterministic():
+    """Deterministic algorithms only (`deterministic: true`), for runs that repeat bit for bit: an op
+    without a deterministic implementation raises instead of running (torchvision's RoIAlign then takes
+    its deterministic form on CUDA). cuBLAS needs its workspace setting before its first call, so this
+    runs before the process touches the GPU; cuDNN picks deterministic kernels and does not autotune."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def pin_memory(cfg) -> bool:

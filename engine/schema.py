@@ -57,6 +57,11 @@ SCHEMA: dict = {
                     help="which model the builder makes"),
         "channels_last": Opt(bool, False, help="NHWC memory format for the model and its inputs (faster "
                                                "convolutions on GPUs and recent CPUs; same outputs)"),
+        "compile": Opt(bool, False, help="torch.compile the model for training and inference (a detector's backbone "
+                                         "and FPN, a whole classifier); its first iterations compile, export never "
+                                         "does; same outputs and checkpoints"),
+        "compile_mode": Opt(str, "default", choices=("default", "reduce-overhead", "max-autotune"),
+                            help="torch.compile's mode when model.compile is on"),
         "num_classes": Opt(int, 1000, min=1, help="classes of the classifier; foreground classes of a detector"),
         "label_space": Opt(str, "contiguous", choices=("contiguous", "category_id"),
                            help="detector label i is data.categories[i-1] ('contiguous') or category id i"),
@@ -239,6 +244,9 @@ SCHEMA: dict = {
     "seed": Opt(int, 0, min=0, help="random seed"),
     "device": Opt(str, "auto", help="torch device; 'auto': cuda when available, else cpu"),
     "cudnn_benchmark": Opt(bool, False, help="cuDNN autotuning on CUDA (pays off for fixed input sizes)"),
+    "deterministic": Opt(bool, False, help="deterministic algorithms only (torch.use_deterministic_algorithms; "
+                                           "on CUDA also deterministic cuDNN without autotuning and cuBLAS "
+                                           "workspaces): runs repeat bit for bit on one machine, slower"),
 }
 
 

@@ -107,8 +107,11 @@ class Trainer:
             logger.warning("%s was saved by %d process(es) and is resumed by %d: the random streams (RPN and "
                            "RoI sampling) continue differently than they would have", state.get("path"),
                            len(ranks) if ranks is not None else 1, dist.world_size())
-        if "scaler" in state:
+        if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler.is_enabled():  # saved without float16 scaling (AMP off, or bfloat16)
+            logger.warning("%s was saved without float16 gradient scaling: the scale starts afresh at %g",
+                           state.get("path", "the checkpoint"), self.scaler.get_scale())
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])

@@ -28,6 +28,7 @@ from backbones.build import build_classifier, build_resnet
 from backbones.weights import load_state_dict, read_weights, save_weights
 from engine import distributed as dist
 from engine.checkpoint import Checkpointer, safe_torch_load
+from engine.compile import compile_model
 from engine.config import save_config
 from backbones.classification.imagefolder import ImageFolder, build_cls_transform, class_folders
 from engine.data.paths import require_path
@@ -43,6 +44,13 @@ from engine.trainer import FINAL, Trainer, close_run, start_run, weights_to_eval
 logger = logging.getLogger("engine")
 
 BACKBONE = "backbone.pth"
+
+
+def compile_classifier(model, cfg):
+    """`model.compile` for a classifier: the whole network, in place (the state dict keeps its keys). Its
+    inputs have one size, `input.size` crops in batches of `solver.ims_per_batch`, so torch's default
+    (`dynamic=None`) compiles for that size, and once more with a symbolic batch for a smaller last batch."""
+    return compile_model(model, cfg, what="the classifier")
 
 
 def check_cls_config(cfg):
@@ -181,7 +189,8 @@ def train_classifier(cfg, resume: bool = False) -> dict:
                           f"training images in {cfg.data.train.root}")
     max_iter = s.epochs * iters_per_epoch
     save_config(cfg, out)
-    model = build_classifier(cfg).to(device, memory_format=memory_format(cfg))
+    # Compiled before the EMA copies it: the copy is eager (engine.compile), evaluated once an epoch.
+    model = compile_classifier(build_classifier(cfg).to(device, memory_format=memory_format(cfg)), cfg)
     optimizer = build_optimizer(cfg, model)
     checkpointer = Checkpointer(out)
     state = {}
@@ -248,7 +257,7 @@ def evaluate_only(cfg, weights=None) -> dict:
                           skip_bad_images=cfg.data.skip_bad_images)
     check_num_classes(cfg, val_set.classes, cfg.data.val.root)
     # The file to evaluate is the whole classifier: model.backbone.weights is not opened.
-    model = build_resnet(cfg, cfg.model.num_classes, init_weights=False).to(device)
+    model = compile_classifier(build_resnet(cfg, cfg.model.num_classes, init_weights=False).to(device).eval(), cfg)
     report = load_state_dict(model, read_eval_weights(path, cfg.solver.ema), source=path)
     if report.missing:
         raise CheckpointError(f"{path} lacks {len(report.missing)} of the model's tensors "

@@ -138,13 +138,14 @@ def synchronize(device: torch.device):
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000
+        with torch.cuda.device(device):  # the events on the stream of the device the calls run on
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1000
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

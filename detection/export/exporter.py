@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.compile import eager
 from engine.errors import ExportError
 
 from ..resize import RESIZE_MODES
@@ -100,7 +101,7 @@ def export(model: nn.Module, path: str, fmt: str, example: torch.Tensor, optimiz
     wrapper = ExportableDetector(model.eval())
     names = OUTPUTS if wrapper.has_masks else OUTPUTS[:3]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), eager(model):  # a model.compile'd backbone is recorded as its eager operations
         if fmt == "torchscript":
             # torch.jit is deprecated in favour of torch.export; tracing is what still loads without
             # Python (torch::jit::load in C++), and the graph was written to be traced with sizes kept.

@@ -158,6 +158,19 @@ def test_threaded_roi_align_gives_torchvisions_values_and_gradients_to_the_bit(i
         assert cl.grad[images - 1].abs().sum() == 0 and cl.grad[0].abs().sum() > 0
 
 
+def test_bfloat16_autocast_takes_the_single_call():
+    """Autocast is per thread: under CPU autocast, bfloat16 features with float32 RoIs go to the single
+    call, where torchvision's autocast rule brings them to one dtype (in the pool's threads: a dtype error)."""
+    from detection import poolers
+
+    feature = torch.randn(1, 8, 20, 28).bfloat16()
+    rois = torch.cat([torch.zeros(150, 1), random_boxes(150, 1, 80, 112)], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = poolers.roi_align(feature, rois, (7, 7), 0.25, 2, False, threads=poolers.RoIAlignThreads(2))
+        expected = roi_align(feature, rois, (7, 7), 0.25, 2, False)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
 def test_the_pooler_owns_its_threads_and_copies_without_them():
     """No process-wide pool: each MultiScaleRoIAlign makes its own on first use, with the count it was given
     (or torch's); a copy or a pickle carries the setting, never the threads, and a forked child (another

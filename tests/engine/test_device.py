@@ -1,5 +1,7 @@
 """The GPU-oriented switches, checked on the CPU where the CPU supports them: channels_last gives the
 same detector and classifier outputs as NCHW; pinned memory and cuDNN autotuning stay off without CUDA."""
+import os
+
 import torch
 
 from backbones.build import build_classifier
@@ -51,3 +53,29 @@ def test_cuda_only_switches_are_off_on_the_cpu():
     assert setup_device(cfg).type == "cpu" and torch.backends.cudnn.benchmark == before
     assert cfg.data.pin_memory and not pin_memory(cfg)
     assert memory_format(cfg) == torch.contiguous_format
+
+
+def test_deterministic_switch_and_a_detector_training_step_under_it(monkeypatch):
+    """`deterministic: true` turns deterministic algorithms on before the device is touched (cuBLAS's
+    workspace setting included, which must precede its first call); every op of a detector's training step
+    has a deterministic form (none raises), and two steps from the same state give the same bits."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = Config.from_dict({"device": "cpu", "deterministic": True, "cudnn_benchmark": True})
+    try:
+        setup_device(cfg)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = small_model().train()
+            images, targets = _batch(), _targets([[10, 12, 60, 70], [40, 20, 120, 90]])
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+            runs.append(([v.detach() for v in losses.values()], [p.grad for p in model.parameters() if p.grad is not None]))
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = False

@@ -171,6 +171,21 @@ def test_autocast_dtype_and_gradient_scaling(tmp_path, amp, amp_dtype, dtype, sc
         assert saved["scaler"]["scale"] == trainer.scaler.get_scale() > 0
 
 
+def test_float16_resumes_a_checkpoint_saved_without_scaling(tmp_path, caplog):
+    """A run switched to float16 AMP on resume, from a checkpoint of a bfloat16 run (an empty scaler
+    state): the scale starts afresh, with a warning, and the run continues."""
+    first = make_trainer(tmp_path, toy_cfg(max_iter=2, amp=True, amp_dtype="bfloat16"))
+    first.train()
+    path = first.save("model_0000002.pth", 2)
+    resumed = make_trainer(tmp_path, toy_cfg(max_iter=4, amp=True, amp_dtype="float16"))
+    state = resumed.checkpointer.resume(resumed.model, resumed.optimizer)
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        resumed.restore(dict(state, path=path))
+    assert "saved without float16 gradient scaling: the scale starts afresh at 65536" in caplog.text
+    resumed.train(start_iter=2)
+    assert resumed.scaler.is_enabled() and resumed.iteration == 3
+
+
 def test_periodic_evaluation_is_logged(tmp_path):
     calls = []
 
