@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from engine.errors import ConfigError
 
 PADDING = 1
-CHUNK_BYTES = 1 << 28  # working memory per chunk on a GPU (the output itself aside)
+# Working memory per chunk on a GPU (the output itself aside). The paste is ours on every device because
+# it is the one implementation of both paste modes (torchvision's and Detectron2's pixels); on a GPU the
+# chunks replace one small kernel sequence per mask with one per chunk. Its GPU speed has not been measured
+# yet: tests/cuda/test_paste.py checks its pixels against the CPU's, and tools/benchmark.py --task infer on
+# a Mask R-CNN config with device=cuda times it inside the whole inference against torchvision's.
+CHUNK_BYTES = 1 << 28
 
 
 def grown_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
