@@ -67,8 +67,10 @@ def to_coco_results(det: Dict[str, torch.Tensor], label_to_id: Dict[int, int], m
     return entries
 
 
-def load_model(cfg, weights):
-    device = resolve_device(cfg.device)
+def load_model(cfg, weights, device=None):
+    """(the detector of `cfg` for inference, with `weights` (else model.weights) as the whole detector, in
+    eval mode on `device` (else cfg.device), compiled where model.compile says so; that device)."""
+    device = resolve_device(device or cfg.device)
     model = build_detector(cfg, weights=weights, for_inference=True)
     return compile_detector(model.eval().to(device), cfg), device
 

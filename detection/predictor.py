@@ -2,11 +2,10 @@
 import numpy as np
 import torch
 
-from engine.device import resolve_device
 from engine.config import as_config
 from engine.errors import DatasetError
 
-from .build import build_detector, compile_detector
+from .inference import load_model
 
 
 class Predictor:
@@ -16,11 +15,8 @@ class Predictor:
 
     def __init__(self, config, weights=None, overrides=(), device=None):
         self.cfg = as_config(config, overrides)
-        self.device = resolve_device(device or self.cfg.device)
         # `weights`, else model.weights, is the whole detector, used as it is: it must cover the model.
-        self.model = build_detector(self.cfg, weights=weights, for_inference=True)
-        self.model.eval().to(self.device)
-        compile_detector(self.model, self.cfg)
+        self.model, self.device = load_model(self.cfg, weights, device)
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray):

@@ -28,8 +28,8 @@ def setup_device(cfg) -> torch.device:
     if cfg.deterministic:
         deterministic()
     device = init_distributed(resolve_device(cfg.device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark) and not cfg.deterministic
+    if device.type == "cuda" and not cfg.deterministic:  # deterministic() has turned autotuning off
+        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
     return device
 
 
