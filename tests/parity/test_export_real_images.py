@@ -14,8 +14,11 @@ What each export covers (exports dominate the time):
   (the `detectron2` fixture) built from its zoo config, seeded and calibrated on the test images as
   tests/parity/test_detectron2_weights.py does it, converted with the converter of --from detectron2. Detectron2's model resizes outside itself, with PIL: it and the file
   are given the same image, resized by Detectron2's ResizeShortestEdge to the test size, which the file's
-  own resize then leaves as it is. The eager model and the file are compared on the image as read (the
-  file's resize by interpolation is the eager model's).
+  own resize then leaves as it is; the eager model gets that image too. (On the image as read, the file's
+  resize is onnxruntime's bilinear Resize, whose sampling coordinates round differently from torch's:
+  up to 0.014 grey levels apart on 0-255 pixels, which these calibrated weights amplify to 7e-4 in score,
+  too near the 1e-3 tolerance to hold on every CPU. The resize in the graph is checked on the images as
+  read by the torchvision configs, whose eager and file scores agree within 1e-5.)
 - our own configs: tests/tools/test_export.py (R18 Mask R-CNN ONNX, Faster R-CNN TorchScript).
 
 Smallest faithful setup: the full R50 models at a test size of 384 (max 640) instead of 800 (a third of
@@ -165,11 +168,10 @@ def exported(request, images, tmp_path_factory):
 @pytest.mark.parametrize("image_name", IMAGES)
 def test_onnx_file_gives_eager_and_source_framework_detections(exported, images, image_name):
     ours, reference, source, run = exported
-    image = images[image_name]
-    check = compare(ours, run, image, image_name)
+    theirs, given = reference(images[image_name])
+    check = compare(ours, run, given, image_name)
     print(check.line())  # the measured differences, with pytest -s
     assert check.detections >= 20, f"too few detections to compare: {check.line()}"
-    theirs, given = reference(image)
     outputs = dict(zip(OUTPUTS, run(given)))
     spread = theirs["scores"].max() - theirs["scores"].min()
     # Detectron2's calibrated scores crowd near the threshold (0.05), torchvision's spread over 0.2-0.45.
